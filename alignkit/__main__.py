@@ -1,0 +1,5 @@
+import sys
+
+from alignkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,31 @@
+"""The Python API: the same runs as the CLI, from a YAML path, a mapping or a config object."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alignkit.config import SFTConfig, build_config, load_yaml, to_dict
+
+
+def make_sft_config(config: str | Path | dict | SFTConfig | None = None, **overrides: Any) -> SFTConfig:
+    if isinstance(config, SFTConfig):
+        values = to_dict(config)
+        where = "config"
+    elif isinstance(config, (str, Path)):
+        values, where = load_yaml(config), str(config)
+    else:
+        values, where = dict(config or {}), "config"
+    values.update(overrides)
+    return build_config(SFTConfig, values, where)
+
+
+def sft(config: str | Path | dict | SFTConfig | None = None, **overrides: Any) -> dict:
+    """Run supervised fine-tuning; returns the run's summary (also written to OUTPUT_DIR/summary.json).
+
+    >>> alignkit.sft("configs/sft.yaml", max_steps=20)
+    >>> alignkit.sft(model="smollm2-135m-instruct", data=["rows.jsonl"], output_dir="out", lora=True)
+    """
+    from alignkit.recipes import sft as recipe
+
+    return recipe.run(make_sft_config(config, **overrides))

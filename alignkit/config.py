@@ -1,0 +1,210 @@
+"""Run configurations: plain dataclasses, filled from YAML and flags, checked before anything runs.
+
+Every field has a default and a one-line meaning (its `help`), which `alignkit sft --help` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alignkit.errors import UserError
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class SFTConfig:
+    # What to train
+    model: str = _opt("smollm2-135m-instruct",
+                      "local Hugging Face folder, a .gguf file, or the alias smollm2-135m-instruct")
+    data: list[str] = _opt([], "training data: one or more .jsonl/.json/.parquet/.csv files "
+                               "or datasets folders (save_to_disk)")
+    data_format: str = _opt("auto", "row format: auto, prompt_completion, messages, alpaca, sharegpt or text",
+                            choices=["auto", "prompt_completion", "messages", "alpaca", "sharegpt", "text"])
+    chat_template: str | None = _opt(None, "chat template: a .jinja file or chatml, llama3, plain "
+                                           "(default: the tokenizer's own, else chatml)")
+    eval_data: list[str] = _opt([], "evaluation data files (same formats as data)")
+    eval_fraction: float = _opt(0.0, "fraction of the training rows held out for evaluation when no eval_data")
+    output_dir: str | None = _opt(None, "run folder: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/")
+    max_length: int = _opt(1024, "longest tokenised row; longer completions are cut from the end, "
+                                 "rows whose prompt alone reaches it are dropped")
+    # How to train
+    batch_size: int = _opt(4, "rows per micro-batch (per process)")
+    grad_accum: int = _opt(1, "micro-batches accumulated into one optimizer step")
+    lr: float = _opt(2e-5, "peak learning rate (AdamW)")
+    lr_scheduler: str = _opt("cosine", "learning-rate schedule after warm-up: constant, linear or cosine",
+                             choices=["constant", "linear", "cosine"])
+    warmup_ratio: float = _opt(0.0, "fraction of the optimizer steps spent warming the lr up linearly from 0")
+    weight_decay: float = _opt(0.0, "AdamW weight decay (not applied to biases and norms)")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this value (0 turns clipping off)")
+    epochs: float = _opt(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = _opt(0, "optimizer steps to run; 0 means use epochs")
+    lora: bool = _opt(False, "train a LoRA adapter instead of all weights")
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: float = _opt(32.0, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
+    lora_targets: list[str] = _opt(["all-linear"], "module names to adapt; all-linear means every linear "
+                                                   "layer of the blocks (not the output head)")
+    dtype: str = _opt("auto", "auto (fp32 weights + bf16 autocast where supported), fp32 or bf16",
+                      choices=["auto", "fp32", "bf16"])
+    seed: int = _opt(42, "seed for data order, initialisation of LoRA weights and dropout")
+    trust_remote_code: bool = _opt(False, "allow model code shipped inside the model folder to run")
+    # Logging, evaluation, checkpoints
+    logging_steps: int = _opt(1, "write a metrics.jsonl row every this many optimizer steps")
+    eval_steps: int = _opt(0, "evaluate every this many steps (0: only at the end, when there is eval data)")
+    save_steps: int = _opt(0, "save a checkpoint every this many steps (0: never, only final/)")
+    save_total_limit: int = _opt(2, "newest checkpoints to keep (0 keeps all)")
+    resume: bool = _opt(False, "continue from the newest checkpoint in output_dir")
+    overwrite: bool = _opt(False, "allow writing into an output_dir that already holds a run")
+
+
+def fields_of(config_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_cls)}
+
+
+def field_type(config_cls: type, name: str) -> Any:
+    """The field's type with `X | None` reduced to X (None is always accepted where it is the default)."""
+    hint = typing.get_type_hints(config_cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def suggest(name: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def coerce(config_cls: type, name: str, value: Any, where: str) -> Any:
+    """Turn a YAML or flag value into the field's type, or explain in one line why it cannot be."""
+    kind = field_type(config_cls, name)
+    default = fields_of(config_cls)[name].default
+    if value is None and default is None:
+        return None
+    bad = UserError(f"{where}: '{name}' must be {_type_words(kind)}, got {value!r}")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not math.isfinite(number):
+            raise bad
+        return number
+    if kind is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise bad
+    if typing.get_origin(kind) is list:
+        items = [value] if isinstance(value, (str, Path)) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, Path)) for v in items):
+            raise bad
+        return [str(v) for v in items]
+    raise TypeError(f"unsupported config field type {kind}")
+
+
+def _type_words(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return "a string or a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: a config must be a mapping of field: value")
+    return loaded
+
+
+def normalise(config_cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check keys and coerce values; unknown keys get the nearest valid one suggested."""
+    valid = fields_of(config_cls)
+    clean: dict[str, Any] = {}
+    for raw_name, value in values.items():
+        name = str(raw_name).replace("-", "_")
+        if name not in valid:
+            raise UserError(f"{where}: unknown key '{raw_name}'{suggest(name, valid)}")
+        clean[name] = coerce(config_cls, name, value, where)
+    return clean
+
+
+def build_config(config_cls: type, values: dict[str, Any], where: str = "config") -> Any:
+    """Make a config from a plain mapping; unknown keys and bad values raise UserError."""
+    config = config_cls(**normalise(config_cls, values, where))
+    validate(config)
+    return config
+
+
+def validate(config: Any) -> None:
+    """Range checks that types alone do not catch."""
+    cls = type(config)
+    for name, f in fields_of(cls).items():
+        choices = f.metadata.get("choices")
+        value = getattr(config, name)
+        if choices and value not in choices:
+            raise UserError(f"'{name}' must be one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}")
+    positive = ["lr", "batch_size", "grad_accum", "max_length", "logging_steps", "lora_r", "lora_alpha"]
+    for name in positive:
+        if hasattr(config, name) and getattr(config, name) <= 0:
+            raise UserError(f"'{name}' must be > 0, got {getattr(config, name)}")
+    non_negative = ["epochs", "max_steps", "eval_steps", "save_steps", "save_total_limit", "weight_decay",
+                    "max_grad_norm", "warmup_ratio"]
+    for name in non_negative:
+        if hasattr(config, name) and getattr(config, name) < 0:
+            raise UserError(f"'{name}' must be >= 0, got {getattr(config, name)}")
+    for name in ["eval_fraction", "lora_dropout", "warmup_ratio"]:
+        if hasattr(config, name) and not 0 <= getattr(config, name) < 1:
+            raise UserError(f"'{name}' must be in [0, 1), got {getattr(config, name)}")
+    if config.max_steps == 0 and config.epochs == 0:
+        raise UserError("set 'epochs' or 'max_steps' above 0: there is nothing to train")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_yaml(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

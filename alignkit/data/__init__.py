@@ -1,0 +1,1 @@
+"""Where data becomes batches: files → rows → conversations → token ids + loss masks → padded batches."""

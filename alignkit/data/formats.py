@@ -1,0 +1,171 @@
+"""Row formats for SFT: every row becomes a list of chat messages, each marked trained or not.
+
+| format              | row fields                                              | trained tokens            |
+|---------------------|---------------------------------------------------------|---------------------------|
+| `prompt_completion` | `prompt`, `completion` (strings or message lists)       | the completion's messages |
+| `messages`          | `messages`: [{role, content}] system/user/assistant     | every assistant turn      |
+| `alpaca`            | `instruction`, `output`, optional `input` and `system`  | `output`                  |
+| `sharegpt`          | `conversations`: [{from, value}] (human/gpt/system)     | every gpt turn            |
+| `text`              | `text`                                                  | every token (+ eos)       |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from alignkit.data.sources import Row
+from alignkit.errors import UserError
+
+FORMATS = ("prompt_completion", "messages", "alpaca", "sharegpt", "text")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    train: bool = False
+
+
+@dataclass
+class Example:
+    """One training example: a conversation to render with the chat template, or raw text."""
+
+    origin: str
+    messages: list[Message] | None = None
+    text: str | None = None
+
+
+def detect_format(row: Row) -> str:
+    keys = row.fields.keys()
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    found = ", ".join(sorted(map(str, keys))) or "none"
+    raise UserError(f"{row.origin}: cannot tell the row format from its fields ({found}); expected messages, "
+                    "conversations, prompt+completion, instruction+output or text")
+
+
+def to_example(row: Row, data_format: str = "auto") -> Example:
+    fmt = detect_format(row) if data_format == "auto" else data_format
+    convert = {"prompt_completion": _prompt_completion, "messages": _messages, "alpaca": _alpaca,
+               "sharegpt": _sharegpt, "text": _text}[fmt]
+    example = convert(row)
+    if example.messages is not None:
+        _check_conversation(example)
+    return example
+
+
+def _field(row: Row, name: str, optional: bool = False) -> Any:
+    if name not in row.fields or row.fields[name] is None:
+        if optional:
+            return None
+        raise UserError(f"{row.origin}: missing field '{name}'")
+    return row.fields[name]
+
+
+def _text_field(row: Row, name: str, optional: bool = False, allow_empty: bool = False) -> str | None:
+    value = _field(row, name, optional)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserError(f"{row.origin}: field '{name}' must be text, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise UserError(f"{row.origin}: field '{name}' is empty")
+    return value
+
+
+def _message_list(row: Row, name: str, value: Any, role_key: str = "role", content_key: str = "content",
+                  roles: dict[str, str] | None = None) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{row.origin}: field '{name}' must be a non-empty list of messages")
+    roles = roles or {r: r for r in ROLES}
+    messages = []
+    for i, item in enumerate(value):
+        where = f"{row.origin}: {name}[{i}]"
+        if not isinstance(item, dict):
+            raise UserError(f"{where} must be an object with '{role_key}' and '{content_key}'")
+        role, content = item.get(role_key), item.get(content_key)
+        if role not in roles:
+            raise UserError(f"{where}: unknown role {role!r} (use {', '.join(roles)})")
+        if not isinstance(content, str):
+            raise UserError(f"{where}: '{content_key}' must be text, got {type(content).__name__}")
+        messages.append(Message(roles[role], content))
+    return messages
+
+
+def _prompt_completion(row: Row) -> Example:
+    prompt, completion = _field(row, "prompt"), _field(row, "completion")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserError(f"{row.origin}: field 'prompt' is empty")
+        prompt_messages = [Message("user", prompt)]
+    else:
+        prompt_messages = _message_list(row, "prompt", prompt)
+    if isinstance(completion, str):
+        completion_messages = [Message("assistant", completion)]
+    else:
+        completion_messages = _message_list(row, "completion", completion)
+    for message in completion_messages:
+        if message.role != "assistant":
+            raise UserError(f"{row.origin}: field 'completion' may hold assistant messages only, got {message.role!r}")
+        if not message.content.strip():
+            raise UserError(f"{row.origin}: field 'completion' is empty")
+        message.train = True
+    return Example(row.origin, messages=prompt_messages + completion_messages)
+
+
+def _messages(row: Row) -> Example:
+    messages = _message_list(row, "messages", _field(row, "messages"))
+    for message in messages:
+        message.train = message.role == "assistant"
+    return Example(row.origin, messages=messages)
+
+
+def _alpaca(row: Row) -> Example:
+    instruction = _text_field(row, "instruction")
+    extra = _text_field(row, "input", optional=True, allow_empty=True)
+    output = _text_field(row, "output")
+    system = _text_field(row, "system", optional=True, allow_empty=True)
+    user = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    messages = [Message("system", system)] if system and system.strip() else []
+    messages += [Message("user", user), Message("assistant", output, train=True)]
+    return Example(row.origin, messages=messages)
+
+
+def _sharegpt(row: Row) -> Example:
+    messages = _message_list(row, "conversations", _field(row, "conversations"), "from", "value", SHAREGPT_ROLES)
+    system = _text_field(row, "system", optional=True, allow_empty=True)
+    if system and system.strip() and messages[0].role != "system":
+        messages.insert(0, Message("system", system))
+    for message in messages:
+        message.train = message.role == "assistant"
+    return Example(row.origin, messages=messages)
+
+
+def _text(row: Row) -> Example:
+    return Example(row.origin, text=_text_field(row, "text"))
+
+
+def _check_conversation(example: Example) -> None:
+    messages = example.messages
+    assert messages is not None
+    if not any(m.train for m in messages):
+        raise UserError(f"{example.origin}: no assistant turn to train on")
+    for m in messages:
+        if m.train and not m.content.strip():
+            raise UserError(f"{example.origin}: an assistant turn is empty")
+    if messages[0].role == "assistant":
+        raise UserError(f"{example.origin}: the conversation starts with an assistant turn; it needs a prompt")
+    for m in messages:
+        if m.role == "system" and m is not messages[0]:
+            raise UserError(f"{example.origin}: a system message may only come first")

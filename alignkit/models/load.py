@@ -1,0 +1,61 @@
+"""Load a causal LM and its tokenizer from a folder, a GGUF file or an embedded alias; add LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alignkit.errors import UserError
+from alignkit.models.embedded import EMBEDDED, convert_gguf, embedded_model_path, gguf_cache_path
+
+
+def resolve_model(spec: str) -> Path:
+    """A model folder for `spec`: the alias's cache, a converted GGUF, or the folder itself."""
+    if spec in EMBEDDED:
+        return embedded_model_path(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        cached = gguf_cache_path(path)
+        return cached if (cached / "config.json").is_file() else convert_gguf(path, cached)
+    if not path.exists():
+        known = ", ".join(EMBEDDED)
+        raise UserError(f"{spec}: model not found (give a model folder, a .gguf file, or one of: {known})")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{spec}: not a model folder (no config.json)")
+    return path
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise UserError(f"{path}: cannot load its tokenizer ({err})") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions never reach the loss, so any id will do; eos is what TRL uses too.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path}: cannot load the model ({err})") from None
+
+
+def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str]):
+    """Wrap `model` in a peft LoRA adapter; only the adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    target_modules = "all-linear" if targets == ["all-linear"] else targets
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"lora_targets: {err}") from None

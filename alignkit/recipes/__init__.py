@@ -1,0 +1,1 @@
+"""Training recipes, one file each: set-up → train loop → checkpoint."""

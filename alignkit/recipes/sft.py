@@ -1,0 +1,294 @@
+"""The SFT recipe: set up → train loop → checkpoint, in one file.
+
+Loss: mean cross-entropy over every trained token of the optimizer step (see `alignkit.losses.sft`).
+Runs unchanged on one process or under `accelerate launch` / `torchrun`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from alignkit.config import SFTConfig, save_yaml
+from alignkit.data.batches import collate, micro_batches, trained_tokens
+from alignkit.data.sft_dataset import load_sft_rows
+from alignkit.data.templates import resolve_template
+from alignkit.data.tokenize import TokenizedRow
+from alignkit.errors import UserError
+from alignkit.losses import sft_loss, token_logprobs
+from alignkit.models.embedded import log
+from alignkit.models.load import add_lora, load_model, load_tokenizer, resolve_model
+from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.metrics import MetricsLog, peak_memory_mib
+from alignkit.training.optim import build_optimizer, build_scheduler
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints")
+
+
+# ---------------------------------------------------------------- set-up
+
+def mixed_precision(dtype: str) -> str:
+    """accelerate's mixed_precision for our `dtype` choice: bf16 autocast over fp32 weights where it is fast."""
+    if dtype != "auto":
+        return "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
+def prepare_output_dir(cfg: SFTConfig, is_main: bool) -> Path:
+    out = Path(cfg.output_dir or f"runs/sft-{datetime.now():%Y%m%d-%H%M%S}")
+    holds_run = any((out / name).exists() for name in RUN_FILES)
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if is_main:
+        if holds_run and cfg.overwrite and not cfg.resume:
+            for name in RUN_FILES:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def split_eval(rows: list[TokenizedRow], fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise UserError(f"eval_fraction {fraction} leaves no training rows out of {len(rows)}")
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def load_data(cfg: SFTConfig, tokenizer, template: str):
+    train, stats, cached = load_sft_rows(cfg.data, cfg.data_format, tokenizer, template, cfg.max_length)
+    if cached:
+        log("tokenised data loaded from cache")
+    eval_rows: list[TokenizedRow] = []
+    if cfg.eval_data:
+        eval_rows, _, _ = load_sft_rows(cfg.eval_data, cfg.data_format, tokenizer, template, cfg.max_length)
+    else:
+        train, eval_rows = split_eval(train, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise UserError("no training rows left after dropping rows whose prompt alone exceeds max_length")
+    if stats.dropped:
+        shown = ", ".join(stats.dropped_origins[:3])
+        log(f"dropped {stats.dropped} rows whose prompt alone fills max_length={cfg.max_length} (e.g. {shown})")
+    return train, eval_rows, stats
+
+
+def build_model(cfg: SFTConfig, model_path: Path, checkpoint: Path | None):
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    # A full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapter.
+    weights = checkpoint / "model" if checkpoint is not None and not cfg.lora else model_path
+    model = load_model(weights, dtype, cfg.trust_remote_code)
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        if checkpoint is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(checkpoint / "model" / "adapter_model.safetensors"))
+    return model
+
+
+# ---------------------------------------------------------------- the loop's parts
+
+def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return math.ceil(num_batches / grad_accum)
+
+
+def step_stream(rows, cfg: SFTConfig, epoch: int, index: int, rank: int, world: int):
+    """Yield (micro-batches of one optimizer step, epoch, index after it), endlessly, from a saved position."""
+    while True:
+        batches = micro_batches(rows, cfg.batch_size, cfg.seed, epoch, rank, world)
+        while index < len(batches):
+            step_batches = batches[index:index + cfg.grad_accum]
+            index += len(step_batches)
+            yield step_batches, epoch, index
+        epoch, index = epoch + 1, 0
+
+
+def forward_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_logprobs(logits, batch["labels"])
+
+
+def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow]], pad_id: int,
+               max_grad_norm: float, accelerator: Accelerator) -> tuple[float, int, float, float]:
+    """One optimizer step over its micro-batches; returns (summed NLL, trained tokens, grad norm, lr), global."""
+    device = accelerator.device
+    batches = [{k: v.to(device) for k, v in collate(rows, pad_id).items()} for rows in step_batches]
+    local_tokens = torch.tensor(float(sum(trained_tokens(b) for b in batches)), device=device)
+    step_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1)
+    step_nll = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            logps, mask = forward_logps(model, batch)
+            # DDP averages gradients over processes; multiplying by their number restores the global sum.
+            loss = sft_loss(logps, mask, step_tokens) * accelerator.num_processes
+            accelerator.backward(loss)
+        step_nll -= (logps.detach() * mask).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(step_nll, "sum").item(), int(step_tokens.item()), grad_norm, lr
+
+
+@torch.no_grad()
+def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accelerator: Accelerator) -> dict:
+    model.eval()
+    shard = rows[accelerator.process_index::accelerator.num_processes]
+    nll = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), device=accelerator.device)
+    for start in range(0, len(shard), cfg.batch_size):
+        batch = {k: v.to(accelerator.device) for k, v in collate(shard[start:start + cfg.batch_size], pad_id).items()}
+        logps, mask = forward_logps(model, batch)
+        nll -= logps.sum()
+        tokens += mask.sum()
+    model.train()
+    nll, tokens = accelerator.reduce(nll, "sum"), accelerator.reduce(tokens, "sum")
+    loss = (nll / tokens.clamp(min=1)).item()
+    return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": int(tokens.item())}
+
+
+def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
+    final = out / "final"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------- the recipe
+
+def run(cfg: SFTConfig) -> dict:
+    """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
+    return train(cfg)[0]
+
+
+def train(cfg: SFTConfig):
+    """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
+    started = time.time()
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    is_main = accelerator.is_main_process
+    out = prepare_output_dir(cfg, is_main)
+    checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        log(f"no checkpoint in {out / 'checkpoints'}: starting from the beginning")
+    set_seed(cfg.seed)
+
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    template = resolve_template(tokenizer, cfg.chat_template)
+    tokenizer.chat_template = template  # final/ carries the template the model was trained with
+    train_rows, eval_rows, stats = load_data(cfg, tokenizer, template)
+    model = build_model(cfg, model_path, checkpoint)
+    if is_main:
+        save_yaml(cfg, out / "config.yaml")
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches_per_epoch = len(micro_batches(train_rows, cfg.batch_size, cfg.seed, 0, rank, world))
+    per_epoch = steps_per_epoch(batches_per_epoch, cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
+
+    # The data position (epoch, index of the next micro-batch) is what makes a resume continue mid-epoch.
+    state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "step_seconds": 0.0}
+    if checkpoint is not None:
+        state = load_training_state(checkpoint, optimizer, scheduler)
+        log(f"resuming from {checkpoint} (step {state['step']})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{len(train_rows)} training rows, {len(eval_rows)} eval rows, {total_steps} steps, "
+        f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, "
+        f"{trainable:,} trainable parameters, precision {accelerator.mixed_precision}")
+
+    pad_id = tokenizer.pad_token_id
+    stream = step_stream(train_rows, cfg, state["epoch"], state["index"], rank, world)
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="sft", unit="step",
+                    dynamic_ncols=True)
+    window_tokens, window_seconds = 0, 0.0
+    last_loss = None
+    eval_result: dict = {}
+    train_start = time.time() - state["train_seconds"]
+    while state["step"] < total_steps:
+        step_batches, epoch, index = next(stream)
+        step_began = time.time()
+        step_nll, step_tokens, grad_norm, lr = train_step(model, optimizer, scheduler, step_batches, pad_id,
+                                                          cfg.max_grad_norm, accelerator)
+        last_loss = step_nll / step_tokens
+        state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens)
+        window_tokens += step_tokens
+        window_seconds += time.time() - step_began
+        state["step_seconds"] += time.time() - step_began
+        step = state["step"]
+        progress.update(1)
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            now = time.time()
+            rate = window_tokens / max(window_seconds, 1e-9)
+            row = {"step": step, "epoch": round(step / per_epoch, 4), "loss": last_loss, "lr": lr,
+                   "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": round(rate, 1),
+                   "elapsed_s": round(now - train_start, 2)}
+            if metrics:
+                metrics.write(row)
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+            window_tokens, window_seconds = 0, 0.0
+        if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
+            eval_result = evaluate(model, eval_rows, cfg, pad_id, accelerator)
+            if metrics:
+                metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
+            progress.write(f"step {step}: eval loss {eval_result['eval/loss']:.4f}")
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+            state["train_seconds"] = time.time() - train_start
+            if is_main:
+                save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
+                                scheduler, state, cfg.save_total_limit)
+            accelerator.wait_for_everyone()
+    progress.close()
+    train_seconds = time.time() - train_start
+    final = save_final(model, tokenizer, out, accelerator)
+
+    summary = {
+        "final_loss": last_loss,
+        "steps": state["step"],
+        "trained_tokens": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / max(state["step_seconds"], 1e-9), 1),
+        "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1),
+        "rows": {"used": len(train_rows), "eval": len(eval_rows), "truncated": stats.truncated,
+                 "dropped": stats.dropped},
+        "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(time.time() - started, 2),
+        **eval_result,
+        "output_dir": str(out),
+        "final": str(final),
+    }
+    if is_main:
+        metrics.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log(f"done: {state['step']} steps, final loss {last_loss}, {summary['tokens_per_s']} tokens/s; "
+            f"model in {final}")
+    return summary, accelerator.unwrap_model(model), tokenizer
+

@@ -1,0 +1,1 @@
+"""Where losses become updates: optimizer and schedule, checkpoints, metrics and progress."""

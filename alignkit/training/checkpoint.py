@@ -1,0 +1,101 @@
+"""Checkpoints: `checkpoints/step-N/` with weights (or adapter), optimizer, scheduler, RNG and data position.
+
+A checkpoint is written into a temporary folder, synced to disk and renamed into place; the `latest` file is
+updated last. A crash at any moment therefore leaves the previous complete checkpoint as the newest one.
+Optimizer and RNG states are loaded with `weights_only=True`: tensors and plain containers, never pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, scheduler, train_state: dict,
+                    keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    staging = root / f".tmp-step-{step}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    model.save_pretrained(staging / "model")
+    tokenizer.save_pretrained(staging / "model")
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    torch.save(rng_state(), staging / "rng.pt")
+    (staging / "state.json").write_text(json.dumps(train_state, indent=1))
+    _fsync_tree(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / "latest")
+    _rotate(root, keep)
+    return final
+
+
+def _rotate(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "state.json").is_file()]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if (named / "state.json").is_file():
+            return named
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_training_state(checkpoint: Path, optimizer, scheduler) -> dict:
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+    return json.loads((checkpoint / "state.json").read_text())

@@ -1,0 +1,44 @@
+"""`metrics.jsonl`: one JSON object per logged step, and the peak memory figure for the summary.
+
+Training rows: step, epoch (fractional), loss (mean token NLL of the step), lr, grad_norm (before clipping),
+tokens (trained tokens in the step, all processes), tokens_per_s (trained tokens per second over the steps
+since the previous row), elapsed_s (seconds since training started, start-up excluded).
+Evaluation rows: step, epoch and keys prefixed `eval/`: eval/loss (mean token NLL over the evaluation
+set's trained tokens), eval/ppl (exp of eval/loss), eval/tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        """Open for appending; on resume, rows after the checkpoint's step are dropped (they will be redone)."""
+        self.path = path
+        kept = []
+        if keep_until_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def write(self, row: dict) -> None:
+        self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
