@@ -87,7 +87,8 @@ def _text_field(row: Row, name: str, optional: bool = False, allow_empty: bool =
 def _message_list(row: Row, name: str, value: Any, role_key: str = "role", content_key: str = "content",
                   roles: dict[str, str] | None = None) -> list[Message]:
     if not isinstance(value, list) or not value:
-        raise UserError(f"{row.origin}: field '{name}' must be a non-empty list of messages")
+        kind = type(value).__name__
+        raise UserError(f"{row.origin}: field '{name}' must be a non-empty list of messages, got {kind}")
     roles = roles or {r: r for r in ROLES}
     messages = []
     for i, item in enumerate(value):
@@ -105,6 +106,10 @@ def _message_list(row: Row, name: str, value: Any, role_key: str = "role", conte
 
 def _prompt_completion(row: Row) -> Example:
     prompt, completion = _field(row, "prompt"), _field(row, "completion")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, (str, list)):
+            raise UserError(f"{row.origin}: field '{name}' must be text or a list of messages, "
+                            f"got {type(value).__name__}")
     if isinstance(prompt, str):
         if not prompt.strip():
             raise UserError(f"{row.origin}: field 'prompt' is empty")

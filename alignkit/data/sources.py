@@ -31,11 +31,15 @@ def read_rows(paths: list[str]) -> list[Row]:
     return rows
 
 
+def require(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: data file not found")
+
+
 def read_source(path: Path) -> list[Row]:
+    require(path)
     if path.is_dir():
         return _read_saved_dataset(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise UserError(f"{path}: unknown data file type '{suffix}' (use {', '.join(SUFFIXES)})")
@@ -136,6 +140,7 @@ def file_fingerprint(paths: list[str]) -> str:
     parts = []
     for raw in paths:
         path = Path(raw)
+        require(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             stat = file.stat()

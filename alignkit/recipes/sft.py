@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -45,6 +46,13 @@ def mixed_precision(dtype: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
+def make_accelerator(dtype: str) -> Accelerator:
+    # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
+    # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision(dtype), cpu=not torch.cuda.is_available())
 
 
 def prepare_output_dir(cfg: SFTConfig, is_main: bool) -> Path:
@@ -189,7 +197,7 @@ def run(cfg: SFTConfig) -> dict:
 def train(cfg: SFTConfig):
     """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
     started = time.time()
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.dtype), cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.dtype)
     is_main = accelerator.is_main_process
     out = prepare_output_dir(cfg, is_main)
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
