@@ -65,7 +65,7 @@ class SFTConfig:
     # Logging, evaluation, checkpoints
     logging_steps: int = _opt(1, "write a metrics.jsonl row every this many optimizer steps")
     eval_steps: int = _opt(0, "evaluate every this many steps (0: only at the end, when there is eval data)")
-    save_steps: int = _opt(0, "save a checkpoint every this many steps (0: never, only final/)")
+    save_steps: int = _opt(500, "save a checkpoint every this many steps and at the last step (0: only final/)")
     save_total_limit: int = _opt(2, "newest checkpoints to keep (0 keeps all)")
     resume: bool = _opt(False, "continue from the newest checkpoint in output_dir")
     overwrite: bool = _opt(False, "allow writing into an output_dir that already holds a run")
@@ -198,6 +198,8 @@ def validate(config: Any) -> None:
     for name in ["eval_fraction", "lora_dropout", "warmup_ratio"]:
         if hasattr(config, name) and not 0 <= getattr(config, name) < 1:
             raise UserError(f"'{name}' must be in [0, 1), got {getattr(config, name)}")
+    if hasattr(config, "data") and not config.data:
+        raise UserError("no training data: set 'data' (--data FILE [FILE ...])")
     if config.max_steps == 0 and config.epochs == 0:
         raise UserError("set 'epochs' or 'max_steps' above 0: there is nothing to train")
 

@@ -50,7 +50,7 @@ def test_flags_override_yaml_and_both_spellings_work(tmp_path, tiny_model_dir, d
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["rows"]["used"] == 2
     assert (tmp_path / "out" / "checkpoints" / "step-1" / "optimizer.pt").is_file()
-    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step-1"
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step-2"
 
 
 @pytest.mark.parametrize(("yaml_text", "flags", "message"), [
@@ -102,6 +102,21 @@ def test_output_dir_holding_a_run_is_refused_without_overwrite(tmp_path, tiny_mo
     assert code == 2 and "already holds a run" in err
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()  # nothing lost
     assert run_cli(capsys, *args, "--overwrite")[0] == 0
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path, tiny_model_dir, data, capsys):
+    code, err = run_cli(capsys, "sft", "--model", str(tiny_model_dir), "--data", data, "--output-dir",
+                        str(tmp_path / "out"), "--max-steps", "5", "--batch-size", "1", "--save-steps", "1",
+                        "--save-total-limit", "2", "--dtype", "fp32")
+    assert code == 0, err
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-4", "step-5"]
+    assert (checkpoints / "latest").read_text() == "step-5"
+
+
+def test_no_data_is_refused_before_any_model_is_loaded(capsys):
+    code, err = run_cli(capsys, "sft", "--model", "smollm2-135m-instruct")
+    assert code == 2 and "no training data: set 'data'" in err
 
 
 def test_console_script_runs_as_a_module():

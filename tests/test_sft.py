@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -166,9 +167,11 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_pa
     recipe.run(config(tmp_path / "a", tiny_model_dir, **common))
     interrupted = config(tmp_path / "b", tiny_model_dir, **common)
     recipe.run(interrupted)
-    # Drop everything after the step-3 checkpoint, as a crash there would, then resume.
-    out_b = tmp_path / "b" / "out"
-    assert [p.name for p in sorted((out_b / "checkpoints").glob("step-*"))] == ["step-3"]
+    # Drop everything after the step-3 checkpoint, as a crash before the step-6 save would, then resume.
+    checkpoints = tmp_path / "b" / "out" / "checkpoints"
+    assert [p.name for p in sorted(checkpoints.glob("step-*"))] == ["step-3", "step-6"]
+    shutil.rmtree(checkpoints / "step-6")
+    (checkpoints / "latest").write_text("step-3")
     recipe.run(make_sft_config(interrupted, resume=True))
     losses = [[json.loads(line)["loss"] for line in (d / "out" / "metrics.jsonl").read_text().splitlines()]
               for d in (tmp_path / "a", tmp_path / "b")]

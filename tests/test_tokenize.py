@@ -111,6 +111,15 @@ def test_chatml_builtin_matches_the_tokenizers_own(tokenizer):
     assert "eos_token" in built_in("plain")
 
 
+def test_chat_template_from_a_file(tokenizer, tmp_path):
+    template = tmp_path / "mine.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    row, _ = tokenize(tokenizer, {"prompt": "Hello", "completion": "42"}, template=str(template))
+    assert full_text(tokenizer, row) == "[user] Hello\n[assistant] 42\n"
+    assert "".join(trained_text(tokenizer, row)).strip() == "42"
+
+
 def test_llama3_template_renders_headers(tokenizer):
     row, _ = tokenize(tokenizer, {"prompt": "Hello", "completion": "42"}, template="llama3")
     assert full_text(tokenizer, row) == (

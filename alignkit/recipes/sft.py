@@ -20,10 +20,12 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from alignkit.config import SFTConfig, save_yaml
 from alignkit.data.batches import collate, micro_batches, trained_tokens
 from alignkit.data.sft_dataset import load_sft_rows
+from alignkit.data.sources import require
 from alignkit.data.templates import resolve_template
 from alignkit.data.tokenize import TokenizedRow
 from alignkit.errors import UserError
@@ -205,7 +207,10 @@ def train(cfg: SFTConfig):
         log(f"no checkpoint in {out / 'checkpoints'}: starting from the beginning")
     set_seed(cfg.seed)
 
+    for path in cfg.data + cfg.eval_data:
+        require(Path(path))  # before a model download, not after
     model_path = resolve_model(cfg.model)
+    hf_logging.disable_progress_bar()  # our bar is the one to watch; weight loading and saving stay quiet
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = resolve_template(tokenizer, cfg.chat_template)
     tokenizer.chat_template = template  # final/ carries the template the model was trained with
@@ -269,7 +274,7 @@ def train(cfg: SFTConfig):
             if metrics:
                 metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
             progress.write(f"step {step}: eval loss {eval_result['eval/loss']:.4f}")
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
             state["train_seconds"] = time.time() - train_start
             if is_main:
                 save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
@@ -298,5 +303,6 @@ def train(cfg: SFTConfig):
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"done: {state['step']} steps, final loss {last_loss}, {summary['tokens_per_s']} tokens/s; "
             f"model in {final}")
+    hf_logging.enable_progress_bar()
     return summary, accelerator.unwrap_model(model), tokenizer
 
