@@ -26,14 +26,14 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 
 @dataclass
-class SFTConfig:
+class TrainConfig:
+    """Fields every recipe shares."""
+
     # What to train
     model: str = _opt("smollm2-135m-instruct",
                       "local Hugging Face folder, a .gguf file, or the alias smollm2-135m-instruct")
     data: list[str] = _opt([], "training data: one or more .jsonl/.json/.parquet/.csv files "
                                "or datasets folders (save_to_disk)")
-    data_format: str = _opt("auto", "row format: auto, prompt_completion, messages, alpaca, sharegpt or text",
-                            choices=["auto", "prompt_completion", "messages", "alpaca", "sharegpt", "text"])
     chat_template: str | None = _opt(None, "chat template: a .jinja file or chatml, llama3, plain "
                                            "(default: the tokenizer's own, else chatml)")
     eval_data: list[str] = _opt([], "evaluation data files (same formats as data)")
@@ -69,6 +69,34 @@ class SFTConfig:
     save_total_limit: int = _opt(2, "newest checkpoints to keep (0 keeps all)")
     resume: bool = _opt(False, "continue from the newest checkpoint in output_dir")
     overwrite: bool = _opt(False, "allow writing into an output_dir that already holds a run")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    data_format: str = _opt("auto", "row format: auto, prompt_completion, messages, alpaca, sharegpt or text",
+                            choices=["auto", "prompt_completion", "messages", "alpaca", "sharegpt", "text"])
+
+
+LOSS_TYPES = ["sigmoid", "robust", "ipo", "hinge", "simpo", "sft"]
+REFERENCE_FREE = {"simpo", "sft"}
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    data: list[str] = _opt([], "preference data: rows with prompt, chosen, rejected (strings or message lists), "
+                               "or chosen/rejected conversations sharing their prompt")
+    lr: float = _opt(1e-6, "peak learning rate (AdamW); the DPO paper's 1e-6 suits full fine-tuning, "
+                           "LoRA usually wants 1e-5 to 5e-4")
+    beta: float = _opt(0.1, "β: strength of the KL constraint to the reference (the DPO paper's default)")
+    loss_type: list[str] = _opt(["sigmoid"], "one or more of sigmoid (DPO), robust, ipo, hinge, simpo, sft",
+                                choices=LOSS_TYPES)
+    loss_weights: list[float] = _opt([], "a weight per loss_type (default 1 each)")
+    label_smoothing: float = _opt(0.0, "ε: the assumed fraction of flipped preference labels (sigmoid, robust)")
+    simpo_gamma: float = _opt(0.5, "γ: SimPO's target reward margin")
+    reference: str = _opt("auto", "reference model: copy, adapter (LoRA only), precomputed or none; auto picks "
+                                  "adapter under LoRA, none for reference-free losses, else copy",
+                          choices=["auto", "copy", "adapter", "precomputed", "none"])
+    ref_model: str | None = _opt(None, "reference model (folder, .gguf or alias) instead of the initial policy")
 
 
 def fields_of(config_cls: type) -> dict[str, dataclasses.Field]:
@@ -115,30 +143,37 @@ def coerce(config_cls: type, name: str, value: Any, where: str) -> Any:
                 raise bad from None
         raise bad
     if kind is float:
-        if isinstance(value, bool):
-            raise bad
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise bad from None
-        if not math.isfinite(number):
-            raise bad
-        return number
+        return coerce_float(value, bad)
     if kind is str:
         if isinstance(value, (str, Path)):
             return str(value)
         raise bad
     if typing.get_origin(kind) is list:
-        items = [value] if isinstance(value, (str, Path)) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(v, (str, Path)) for v in items):
+        item_kind = typing.get_args(kind)[0]
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if item_kind is float:
+            return [coerce_float(v, bad) for v in items]
+        if not all(isinstance(v, (str, Path)) for v in items):
             raise bad
         return [str(v) for v in items]
     raise TypeError(f"unsupported config field type {kind}")
 
 
+def coerce_float(value: Any, bad: UserError) -> float:
+    if isinstance(value, bool):
+        raise bad
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if not math.isfinite(number):
+        raise bad
+    return number
+
+
 def _type_words(kind: Any) -> str:
     if typing.get_origin(kind) is list:
-        return "a string or a list of strings"
+        return "a number or a list of numbers" if typing.get_args(kind)[0] is float else "a string or a list of strings"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
 
 
@@ -183,9 +218,10 @@ def validate(config: Any) -> None:
     cls = type(config)
     for name, f in fields_of(cls).items():
         choices = f.metadata.get("choices")
-        value = getattr(config, name)
-        if choices and value not in choices:
-            raise UserError(f"'{name}' must be one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}")
+        for value in (getattr(config, name) if isinstance(getattr(config, name), list) else [getattr(config, name)]):
+            if choices and value not in choices:
+                raise UserError(f"'{name}' must be one of {', '.join(choices)}, got {value!r}"
+                                f"{suggest(value, choices)}")
     positive = ["lr", "batch_size", "grad_accum", "max_length", "logging_steps", "lora_r", "lora_alpha"]
     for name in positive:
         if hasattr(config, name) and getattr(config, name) <= 0:
@@ -198,10 +234,26 @@ def validate(config: Any) -> None:
     for name in ["eval_fraction", "lora_dropout", "warmup_ratio"]:
         if hasattr(config, name) and not 0 <= getattr(config, name) < 1:
             raise UserError(f"'{name}' must be in [0, 1), got {getattr(config, name)}")
-    if hasattr(config, "data") and not config.data:
+    if isinstance(config, DPOConfig):
+        validate_dpo(config)
+    if not config.data:
         raise UserError("no training data: set 'data' (--data FILE [FILE ...])")
     if config.max_steps == 0 and config.epochs == 0:
         raise UserError("set 'epochs' or 'max_steps' above 0: there is nothing to train")
+
+
+def validate_dpo(config: DPOConfig) -> None:
+    if config.beta <= 0:
+        raise UserError(f"'beta' must be > 0, got {config.beta}")
+    if config.loss_weights and len(config.loss_weights) != len(config.loss_type):
+        raise UserError(f"'loss_weights' needs one weight per loss_type ({len(config.loss_type)}), "
+                        f"got {len(config.loss_weights)}")
+    if not 0 <= config.label_smoothing < 0.5:
+        raise UserError(f"'label_smoothing' must be in [0, 0.5), got {config.label_smoothing}")
+    if config.reference == "adapter" and not config.lora:
+        raise UserError("reference 'adapter' needs lora: true (the base under the adapter is the reference)")
+    if config.reference == "none" and not set(config.loss_type) <= REFERENCE_FREE:
+        raise UserError(f"reference 'none' only suits reference-free losses ({', '.join(sorted(REFERENCE_FREE))})")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ class TokenizeStats:
     truncated: int = 0
     dropped: int = 0
     dropped_origins: list[str] = field(default_factory=list)
+    truncated_origins: list[str] = field(default_factory=list)
 
 
 def render(tokenizer, template: str, messages: list[Message], add_generation_prompt: bool = False) -> str:
@@ -99,6 +100,7 @@ def tokenize_examples(tokenizer, template: str, examples: list[Example], max_len
                 stats.dropped_origins.append(example.origin)
                 continue
             stats.truncated += 1
+            stats.truncated_origins.append(example.origin)
         rows.append(TokenizedRow(list(ids), labels, example.origin))
     stats.rows = len(rows)
     return rows, stats

@@ -21,7 +21,7 @@ def resolve_model(spec: str) -> Path:
     if not path.exists():
         known = ", ".join(EMBEDDED)
         raise UserError(f"{spec}: model not found (give a model folder, a .gguf file, or one of: {known})")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise UserError(f"{spec}: not a model folder (no config.json)")
     return path
 
@@ -40,9 +40,15 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A model folder, or a LoRA adapter folder (an alignkit `final/`), merged into its base model."""
     from transformers import AutoModelForCausalLM
 
     try:
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+
+            merged = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+            return merged.merge_and_unload()
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{path}: cannot load the model ({err})") from None
@@ -59,3 +65,19 @@ def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str]):
         return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"lora_targets: {err}") from None
+
+
+def build_policy(cfg, model_path: Path, checkpoint: Path | None):
+    """The model to train: full weights or base + LoRA, from the checkpoint when resuming."""
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    # A full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapter.
+    weights = checkpoint / "model" if checkpoint is not None and not cfg.lora else model_path
+    model = load_model(weights, dtype, cfg.trust_remote_code)
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        if checkpoint is not None:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(checkpoint / "model" / "adapter_model.safetensors"))
+    return model

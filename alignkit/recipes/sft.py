@@ -9,15 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
-import shutil
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
@@ -31,57 +27,20 @@ from alignkit.data.tokenize import TokenizedRow
 from alignkit.errors import UserError
 from alignkit.losses import sft_loss, token_logprobs
 from alignkit.models.embedded import log
-from alignkit.models.load import add_lora, load_model, load_tokenizer, resolve_model
+from alignkit.models.load import build_policy, load_tokenizer, resolve_model
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
-
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints")
-
+from alignkit.training.run import (
+    make_accelerator,
+    prepare_output_dir,
+    save_final,
+    split_eval,
+    step_stream,
+    steps_per_epoch,
+)
 
 # ---------------------------------------------------------------- set-up
-
-def mixed_precision(dtype: str) -> str:
-    """accelerate's mixed_precision for our `dtype` choice: bf16 autocast over fp32 weights where it is fast."""
-    if dtype != "auto":
-        return "no"
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-
-
-def make_accelerator(dtype: str) -> Accelerator:
-    # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
-    # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
-    AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision(dtype), cpu=not torch.cuda.is_available())
-
-
-def prepare_output_dir(cfg: SFTConfig, is_main: bool) -> Path:
-    out = Path(cfg.output_dir or f"runs/sft-{datetime.now():%Y%m%d-%H%M%S}")
-    holds_run = any((out / name).exists() for name in RUN_FILES)
-    if holds_run and not (cfg.resume or cfg.overwrite):
-        raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if is_main:
-        if holds_run and cfg.overwrite and not cfg.resume:
-            for name in RUN_FILES:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def split_eval(rows: list[TokenizedRow], fraction: float, seed: int) -> tuple[list, list]:
-    if fraction <= 0:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(fraction * len(rows)))
-    if n_eval >= len(rows):
-        raise UserError(f"eval_fraction {fraction} leaves no training rows out of {len(rows)}")
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
-
 
 def load_data(cfg: SFTConfig, tokenizer, template: str):
     train, stats, cached = load_sft_rows(cfg.data, cfg.data_format, tokenizer, template, cfg.max_length)
@@ -100,37 +59,7 @@ def load_data(cfg: SFTConfig, tokenizer, template: str):
     return train, eval_rows, stats
 
 
-def build_model(cfg: SFTConfig, model_path: Path, checkpoint: Path | None):
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    # A full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapter.
-    weights = checkpoint / "model" if checkpoint is not None and not cfg.lora else model_path
-    model = load_model(weights, dtype, cfg.trust_remote_code)
-    if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        if checkpoint is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(model, load_file(checkpoint / "model" / "adapter_model.safetensors"))
-    return model
-
-
 # ---------------------------------------------------------------- the loop's parts
-
-def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
-    return math.ceil(num_batches / grad_accum)
-
-
-def step_stream(rows, cfg: SFTConfig, epoch: int, index: int, rank: int, world: int):
-    """Yield (micro-batches of one optimizer step, epoch, index after it), endlessly, from a saved position."""
-    while True:
-        batches = micro_batches(rows, cfg.batch_size, cfg.seed, epoch, rank, world)
-        while index < len(batches):
-            step_batches = batches[index:index + cfg.grad_accum]
-            index += len(step_batches)
-            yield step_batches, epoch, index
-        epoch, index = epoch + 1, 0
-
 
 def forward_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -179,16 +108,6 @@ def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accel
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": int(tokens.item())}
 
 
-def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
-    final = out / "final"
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-    accelerator.wait_for_everyone()
-    return final
-
-
 # ---------------------------------------------------------------- the recipe
 
 def run(cfg: SFTConfig) -> dict:
@@ -201,7 +120,7 @@ def train(cfg: SFTConfig):
     started = time.time()
     accelerator = make_accelerator(cfg.dtype)
     is_main = accelerator.is_main_process
-    out = prepare_output_dir(cfg, is_main)
+    out = prepare_output_dir(cfg, is_main, "sft")
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log(f"no checkpoint in {out / 'checkpoints'}: starting from the beginning")
@@ -215,7 +134,7 @@ def train(cfg: SFTConfig):
     template = resolve_template(tokenizer, cfg.chat_template)
     tokenizer.chat_template = template  # final/ carries the template the model was trained with
     train_rows, eval_rows, stats = load_data(cfg, tokenizer, template)
-    model = build_model(cfg, model_path, checkpoint)
+    model = build_policy(cfg, model_path, checkpoint)
     if is_main:
         save_yaml(cfg, out / "config.yaml")
 

@@ -1,0 +1,122 @@
+"""Preference rows for DPO: (prompt, chosen, rejected) → two tokenised sequences sharing the prompt.
+
+Row shapes:
+- `prompt`, `chosen`, `rejected` as strings (a user prompt and assistant replies), or as message lists (the
+  prompt may be a multi-turn conversation with a system message; chosen/rejected hold assistant messages);
+- implicit prompt: only `chosen` and `rejected`, whole conversations; the prompt is their longest common
+  message prefix.
+Rows whose chosen equals rejected carry no preference: they are dropped and counted, not errors.
+Each sequence is tokenised like an SFT row (see `alignkit.data.tokenize`): the completion's tokens, end-of-turn
+token included, are the ones scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignkit.data.formats import Example, Message, _message_list
+from alignkit.data.sources import Row
+from alignkit.data.tokenize import TokenizedRow, tokenize_examples
+from alignkit.errors import UserError
+
+
+@dataclass
+class PreferenceExample:
+    origin: str
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+
+
+@dataclass
+class PreferenceRow:
+    chosen: TokenizedRow
+    rejected: TokenizedRow
+    origin: str
+    ref_logps: tuple[float, float] | None = None  # (chosen, rejected) under the reference, when precomputed
+
+
+@dataclass
+class PreferenceStats:
+    pairs: int = 0
+    identical: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    dropped_origins: list[str] = field(default_factory=list)
+
+
+def _side(row: Row, name: str) -> list[Message]:
+    if name not in row.fields or row.fields[name] is None:
+        raise UserError(f"{row.origin}: missing field '{name}'")
+    value = row.fields[name]
+    if isinstance(value, str):
+        messages = [Message("assistant", value)] if name != "prompt" else [Message("user", value)]
+    elif isinstance(value, list):
+        messages = _message_list(row, name, value)
+    else:
+        raise UserError(f"{row.origin}: field '{name}' must be text or a list of messages, got {type(value).__name__}")
+    return messages
+
+
+def _common_prefix(a: list[Message], b: list[Message]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and (a[n].role, a[n].content) == (b[n].role, b[n].content):
+        n += 1
+    return n
+
+
+def to_preference(row: Row) -> PreferenceExample | None:
+    """The row as a preference example, or None when chosen and rejected are the same."""
+    chosen, rejected = _side(row, "chosen"), _side(row, "rejected")
+    if "prompt" in row.fields and row.fields["prompt"] is not None:
+        prompt = _side(row, "prompt")
+    else:  # implicit prompt: the shared start of two conversations
+        shared = _common_prefix(chosen, rejected)
+        while shared and chosen[shared - 1].role == "assistant":
+            shared -= 1  # the completions start at the first assistant turn after the shared context
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+        if not prompt:
+            raise UserError(f"{row.origin}: chosen and rejected share no prompt; add a 'prompt' field")
+    if not prompt or not any(m.content.strip() for m in prompt):
+        raise UserError(f"{row.origin}: field 'prompt' is empty")
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if not side or not "".join(m.content for m in side).strip():
+            raise UserError(f"{row.origin}: field '{name}' is empty")
+        if any(m.role != "assistant" for m in side):
+            raise UserError(f"{row.origin}: field '{name}' may hold assistant messages only after the prompt")
+    if [(m.role, m.content) for m in chosen] == [(m.role, m.content) for m in rejected]:
+        return None
+    return PreferenceExample(row.origin, prompt, chosen, rejected)
+
+
+def _as_example(origin: str, prompt: list[Message], completion: list[Message]) -> Example:
+    context = [Message(m.role, m.content) for m in prompt]
+    return Example(origin, messages=context + [Message(m.role, m.content, train=True) for m in completion])
+
+
+def tokenize_preferences(tokenizer, template: str, rows: list[Row], max_length: int
+                         ) -> tuple[list[PreferenceRow], PreferenceStats]:
+    stats = PreferenceStats()
+    examples = []
+    for row in rows:
+        example = to_preference(row)
+        if example is None:
+            stats.identical += 1
+        else:
+            examples.append(example)
+    chosen, chosen_stats = tokenize_examples(
+        tokenizer, template, [_as_example(e.origin, e.prompt, e.chosen) for e in examples], max_length)
+    rejected, rejected_stats = tokenize_examples(
+        tokenizer, template, [_as_example(e.origin, e.prompt, e.rejected) for e in examples], max_length)
+    by_origin = {r.origin: r for r in rejected}
+    pairs = []
+    for c in chosen:
+        r = by_origin.get(c.origin)
+        if r is not None:
+            pairs.append(PreferenceRow(c, r, c.origin))
+    dropped = sorted(set(chosen_stats.dropped_origins) | set(rejected_stats.dropped_origins))
+    stats.dropped, stats.dropped_origins = len(dropped), dropped
+    cut = set(chosen_stats.truncated_origins) | set(rejected_stats.truncated_origins)
+    stats.truncated = sum(1 for p in pairs if p.origin in cut)
+    stats.pairs = len(pairs)
+    return pairs, stats

@@ -1,0 +1,85 @@
+"""What every recipe does around its loop: accelerator, run folder, data order, final save."""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from alignkit.data.batches import micro_batches
+from alignkit.errors import UserError
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints")
+
+
+def mixed_precision(dtype: str) -> str:
+    """accelerate's mixed_precision for our `dtype` choice: bf16 autocast over fp32 weights where it is fast."""
+    if dtype != "auto":
+        return "no"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+
+
+def make_accelerator(dtype: str) -> Accelerator:
+    # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
+    # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
+    AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision(dtype), cpu=not torch.cuda.is_available())
+
+
+def prepare_output_dir(cfg, is_main: bool, kind: str) -> Path:
+    out = Path(cfg.output_dir or f"runs/{kind}-{datetime.now():%Y%m%d-%H%M%S}")
+    holds_run = any((out / name).exists() for name in RUN_FILES)
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if is_main:
+        if holds_run and cfg.overwrite and not cfg.resume:
+            for name in RUN_FILES:
+                target = out / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise UserError(f"eval_fraction {fraction} leaves no training rows out of {len(rows)}")
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
+    return math.ceil(num_batches / grad_accum)
+
+
+def step_stream(rows: list, cfg, epoch: int, index: int, rank: int, world: int):
+    """Yield (micro-batches of one optimizer step, epoch, index after it), endlessly, from a saved position."""
+    while True:
+        batches = micro_batches(rows, cfg.batch_size, cfg.seed, epoch, rank, world)
+        while index < len(batches):
+            step_batches = batches[index:index + cfg.grad_accum]
+            index += len(step_batches)
+            yield step_batches, epoch, index
+        epoch, index = epoch + 1, 0
+
+
+def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
+    final = out / "final"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+    accelerator.wait_for_everyone()
+    return final
