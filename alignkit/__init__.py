@@ -5,9 +5,9 @@ Folders, in the order data flows: `data/` (files → batches), `losses/` (batche
 `models/` (where weights come from), `cli.py` and `api.py` (how users start a run).
 """
 
-from alignkit.api import sft
-from alignkit.config import SFTConfig
+from alignkit.api import dpo, sft
+from alignkit.config import DPOConfig, SFTConfig
 from alignkit.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["SFTConfig", "UserError", "__version__", "sft"]
+__all__ = ["DPOConfig", "SFTConfig", "UserError", "__version__", "dpo", "sft"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import SFTConfig, build_config, load_yaml, to_dict
+from alignkit.config import DPOConfig, SFTConfig, build_config, load_yaml, to_dict
 
 
-def make_sft_config(config: str | Path | dict | SFTConfig | None = None, **overrides: Any) -> SFTConfig:
-    if isinstance(config, SFTConfig):
+def make_config(config_cls: type, config: Any = None, **overrides: Any) -> Any:
+    if isinstance(config, config_cls):
         values = to_dict(config)
         where = "config"
     elif isinstance(config, (str, Path)):
@@ -17,7 +17,15 @@ def make_sft_config(config: str | Path | dict | SFTConfig | None = None, **overr
     else:
         values, where = dict(config or {}), "config"
     values.update(overrides)
-    return build_config(SFTConfig, values, where)
+    return build_config(config_cls, values, where)
+
+
+def make_sft_config(config: str | Path | dict | SFTConfig | None = None, **overrides: Any) -> SFTConfig:
+    return make_config(SFTConfig, config, **overrides)
+
+
+def make_dpo_config(config: str | Path | dict | DPOConfig | None = None, **overrides: Any) -> DPOConfig:
+    return make_config(DPOConfig, config, **overrides)
 
 
 def sft(config: str | Path | dict | SFTConfig | None = None, **overrides: Any) -> dict:
@@ -29,3 +37,13 @@ def sft(config: str | Path | dict | SFTConfig | None = None, **overrides: Any) -
     from alignkit.recipes import sft as recipe
 
     return recipe.run(make_sft_config(config, **overrides))
+
+
+def dpo(config: str | Path | dict | DPOConfig | None = None, **overrides: Any) -> dict:
+    """Run DPO (or a relative chosen by loss_type); returns the run's summary.
+
+    >>> alignkit.dpo(model="runs/sft/final", data=["prefs.jsonl"], output_dir="runs/dpo", lora=True, lr=5e-5)
+    """
+    from alignkit.recipes import dpo as recipe
+
+    return recipe.run(make_dpo_config(config, **overrides))

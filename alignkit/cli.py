@@ -1,4 +1,4 @@
-"""The `alignkit` command: `alignkit sft --model M --data FILE --output-dir DIR [--config cfg.yaml] [...]`.
+"""The `alignkit` command: `alignkit sft|dpo --model M --data FILE --output-dir DIR [--config cfg.yaml] [...]`.
 
 Every config field is a flag (`--max-length` and `--max_length` both work); values come from the defaults,
 then the YAML file, then the flags. Errors are one line, `alignkit: error: ...`, with exit code 2.
@@ -11,10 +11,10 @@ import dataclasses
 import sys
 import typing
 
-from alignkit.config import SFTConfig, field_type, fields_of, load_yaml, normalise, suggest, validate
+from alignkit.config import DPOConfig, SFTConfig, field_type, fields_of, load_yaml, normalise, suggest, validate
 from alignkit.errors import UserError
 
-USAGE_HINT = "run 'alignkit sft --help' for every field"
+USAGE_HINT = "run 'alignkit sft --help' or 'alignkit dpo --help' for every field"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +46,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from alignkit import __version__
 
-    parser = _Parser(prog="alignkit", description="Fine-tune language models: SFT (and DPO, soon).",
+    parser = _Parser(prog="alignkit", description="Fine-tune language models: SFT and DPO.",
                      allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "Outputs: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/.",
         allow_abbrev=False)
     add_config_flags(sft, SFTConfig)
+    dpo = commands.add_parser(
+        "dpo", help="direct preference optimisation on (prompt, chosen, rejected) pairs",
+        description="DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. "
+                    "Outputs: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/.",
+        allow_abbrev=False)
+    add_config_flags(dpo, DPOConfig)
     return parser
 
 
@@ -84,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        config_cls = {"sft": SFTConfig, "dpo": DPOConfig}[args.command]
         if unknown:
-            _reject_unknown(unknown, SFTConfig)
-        config = parse_config(SFTConfig, args)
-        from alignkit.recipes import sft as recipe
-
+            _reject_unknown(unknown, config_cls)
+        config = parse_config(config_cls, args)
+        if args.command == "sft":
+            from alignkit.recipes import sft as recipe
+        else:
+            from alignkit.recipes import dpo as recipe
         recipe.run(config)
         return 0
     except UserError as err:

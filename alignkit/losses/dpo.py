@@ -71,3 +71,28 @@ def nll_loss(chosen_token_logps: torch.Tensor, chosen_mask: torch.Tensor, num_to
     answers' likelihood, which keeps their probability from falling while the margin grows.
     """
     return -(chosen_token_logps * chosen_mask).sum() / num_tokens
+
+
+def pair_losses(loss_types: list[str], beta: float, label_smoothing: float, simpo_gamma: float,
+                policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                ref_rejected: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """Each requested pair-level loss, one value per pair (`sft` is token-level: see `nll_loss`)."""
+    chosen_logratios, rejected_logratios = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    delta = chosen_logratios - rejected_logratios
+    losses = {}
+    for kind in loss_types:
+        if kind == "sigmoid":
+            losses[kind] = sigmoid_loss(delta, beta, label_smoothing)
+        elif kind == "robust":
+            losses[kind] = robust_loss(delta, beta, label_smoothing)
+        elif kind == "ipo":
+            losses[kind] = ipo_loss(chosen_logratios, rejected_logratios, chosen_lengths, rejected_lengths, beta)
+        elif kind == "hinge":
+            losses[kind] = hinge_loss(delta, beta)
+        elif kind == "simpo":
+            losses[kind] = simpo_loss(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths, beta,
+                                      simpo_gamma)
+        elif kind != "sft":
+            raise ValueError(f"unknown loss type {kind!r}")
+    return losses

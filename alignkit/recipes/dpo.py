@@ -1,0 +1,364 @@
+"""The DPO recipe: set up (policy, reference, pairs) → train loop → checkpoint, in one file.
+
+Each pair's chosen and rejected sequences go through the policy in one forward pass (stacked in the batch).
+Loss of a step: Σ_k w_k · mean over the step's pairs of loss_k (see `alignkit.losses.dpo`); the `sft` term is
+the mean token NLL over the step's chosen tokens. Metrics (TRL's names): rewards/chosen = mean β(ℓθ − ℓref) of
+the chosen completions (ℓref = 0 without a reference), rewards/rejected likewise, rewards/margins = their mean
+difference, rewards/accuracies = fraction of pairs whose chosen reward beats the rejected one, logps/chosen and
+logps/rejected = mean ℓθ, pairs = pairs in the step, tokens = non-padding tokens the policy read in the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from alignkit.config import REFERENCE_FREE, DPOConfig, save_yaml
+from alignkit.data.batches import collate, micro_batches
+from alignkit.data.prefs import PreferenceRow, tokenize_preferences
+from alignkit.data.sources import file_fingerprint, read_rows, require
+from alignkit.data.templates import resolve_template
+from alignkit.errors import UserError
+from alignkit.losses import pair_losses, token_logprobs
+from alignkit.losses.dpo import nll_loss
+from alignkit.models.embedded import cache_root, log
+from alignkit.models.load import build_policy, load_model, load_tokenizer, resolve_model
+from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.metrics import MetricsLog, peak_memory_mib
+from alignkit.training.optim import build_optimizer, build_scheduler
+from alignkit.training.run import (
+    make_accelerator,
+    prepare_output_dir,
+    save_final,
+    split_eval,
+    step_stream,
+    steps_per_epoch,
+)
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected")
+
+
+# ---------------------------------------------------------------- set-up
+
+def reference_kind(cfg: DPOConfig) -> str:
+    if cfg.reference != "auto":
+        return cfg.reference
+    if set(cfg.loss_type) <= REFERENCE_FREE:
+        return "none"
+    return "adapter" if cfg.lora and cfg.ref_model is None else "copy"
+
+
+@dataclass
+class Reference:
+    """How reference log-probs are obtained: a frozen model, the policy without its adapter, stored, or none."""
+
+    kind: str  # copy | adapter | precomputed | none
+    model: torch.nn.Module | None = None
+
+
+def load_pairs(paths: list[str], tokenizer, template: str, max_length: int) -> tuple[list[PreferenceRow], dict]:
+    pairs, stats = tokenize_preferences(tokenizer, template, read_rows(paths), max_length)
+    if stats.identical:
+        log(f"dropped {stats.identical} rows whose chosen equals rejected")
+    if stats.dropped:
+        log(f"dropped {stats.dropped} pairs whose prompt alone fills max_length={max_length} "
+            f"(e.g. {', '.join(stats.dropped_origins[:3])})")
+    return pairs, {"pairs": stats.pairs, "identical": stats.identical, "truncated": stats.truncated,
+                   "dropped": stats.dropped}
+
+
+def sequence_logps(model, pairs: list[PreferenceRow], pad_id: int, device) -> tuple:
+    """One forward over [chosen..., rejected...]: per-sequence ℓ, completion lengths, token log-probs and mask."""
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token_logps, mask = token_logprobs(logits, batch["labels"])
+    return token_logps.sum(-1), mask.sum(-1), token_logps, mask, int(batch["attention_mask"].sum())
+
+
+@torch.no_grad()
+def reference_logps(reference: Reference, model, pairs: list[PreferenceRow], pad_id: int, device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    if reference.kind == "none":
+        zeros = torch.zeros(len(pairs), device=device)
+        return zeros, zeros
+    if reference.kind == "precomputed":
+        stored = torch.tensor([p.ref_logps for p in pairs], device=device, dtype=torch.float32)
+        return stored[:, 0], stored[:, 1]
+    if reference.kind == "copy":
+        logps = sequence_logps(reference.model, pairs, pad_id, device)[0]
+    else:  # the policy with its LoRA adapter switched off is the initial model; eval mode turns dropout off
+        was_training = model.training
+        model.eval()
+        with model.disable_adapter():
+            logps = sequence_logps(model, pairs, pad_id, device)[0]
+        model.train(was_training)
+    return logps.chunk(2)
+
+
+def build_reference(cfg: DPOConfig, model_path: Path, accelerator: Accelerator) -> Reference:
+    """The reference: the initial policy reloaded from disk (so a resumed run keeps the same one), or ref_model."""
+    kind = reference_kind(cfg)
+    adapter_source = cfg.lora and cfg.ref_model is None
+    if kind in ("none", "adapter") or (kind == "precomputed" and adapter_source):
+        return Reference(kind)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    source = resolve_model(cfg.ref_model) if cfg.ref_model is not None else model_path
+    ref = load_model(source, dtype, cfg.trust_remote_code)
+    ref.requires_grad_(False)
+    ref.eval()
+    return Reference(kind, accelerator.prepare_model(ref, evaluation_mode=True))
+
+
+def precompute(reference: Reference, policy, pair_sets: list[list[PreferenceRow]], cfg: DPOConfig, pad_id: int,
+               accelerator: Accelerator, model_path: Path) -> Reference:
+    """Score every pair under the reference once (cached on disk), then drop the reference model."""
+    all_pairs = [p for pairs in pair_sets for p in pairs]
+    digest = hashlib.sha256()
+    for part in (str(model_path), cfg.ref_model or "", file_fingerprint([str(f) for f in model_path.glob("*")]),
+                 str(cfg.lora), accelerator.mixed_precision):
+        digest.update(part.encode())
+    for p in all_pairs:
+        digest.update(json.dumps([p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids]).encode())
+    cache = cache_root() / "reference-logps" / f"{digest.hexdigest()[:24]}.safetensors"
+    if cache.is_file():
+        stored = load_file(cache)["logps"].tolist()
+        log("reference log-probs loaded from cache")
+    else:
+        source = Reference("adapter") if reference.model is None else Reference("copy", reference.model)
+        stored = []
+        for start in tqdm(range(0, len(all_pairs), cfg.batch_size), desc="reference log-probs",
+                          disable=not accelerator.is_main_process):
+            chunk = all_pairs[start:start + cfg.batch_size]
+            with accelerator.autocast():
+                chosen, rejected = reference_logps(source, policy, chunk, pad_id, accelerator.device)
+            stored += list(zip(chosen.float().tolist(), rejected.float().tolist(), strict=True))
+        if accelerator.is_main_process:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"logps": torch.tensor(stored, dtype=torch.float32)}, str(cache))
+    for pair, logps in zip(all_pairs, stored, strict=True):
+        pair.ref_logps = tuple(logps)
+    return Reference("precomputed")
+
+
+# ---------------------------------------------------------------- the loop's parts
+
+def pair_metrics(cfg: DPOConfig, policy_c, policy_r, ref_c, ref_r) -> dict[str, torch.Tensor]:
+    """Per-pair metric values (summed over pairs by the caller, then divided by the pair count)."""
+    chosen_rewards = cfg.beta * (policy_c - ref_c).detach()
+    rejected_rewards = cfg.beta * (policy_r - ref_r).detach()
+    return {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "logps/chosen": policy_c.detach(), "logps/rejected": policy_r.detach()}
+
+
+def batch_loss(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOConfig, pad_id: int,
+               step_pairs: float, step_chosen_tokens: float, device) -> tuple[torch.Tensor, dict, int]:
+    """The micro-batch's share of the step loss, its metric sums and its token count."""
+    logps, lengths, token_logps, mask, tokens = sequence_logps(model, pairs, pad_id, device)
+    policy_c, policy_r = logps.chunk(2)
+    len_c, len_r = lengths.chunk(2)
+    ref_c, ref_r = reference_logps(reference, model, pairs, pad_id, device)
+    weights = cfg.loss_weights or [1.0] * len(cfg.loss_type)
+    per_pair = pair_losses(cfg.loss_type, cfg.beta, cfg.label_smoothing, cfg.simpo_gamma, policy_c, policy_r,
+                           ref_c, ref_r, len_c, len_r)
+    loss = torch.zeros((), device=device)
+    for kind, weight in zip(cfg.loss_type, weights, strict=True):
+        if kind == "sft":
+            n = len(pairs)
+            loss = loss + weight * nll_loss(token_logps[:n], mask[:n], step_chosen_tokens)
+        else:
+            loss = loss + weight * per_pair[kind].sum() / step_pairs
+    sums = {k: v.sum() for k, v in pair_metrics(cfg, policy_c, policy_r, ref_c, ref_r).items()}
+    return loss, sums, tokens
+
+
+def chosen_tokens(pairs: list[PreferenceRow]) -> int:
+    return sum(sum(1 for label in p.chosen.labels[1:] if label != -100) for p in pairs)
+
+
+def train_step(model, reference, optimizer, scheduler, step_batches, cfg: DPOConfig, pad_id: int,
+               accelerator: Accelerator) -> dict:
+    device = accelerator.device
+    counts = torch.tensor([float(sum(len(b) for b in step_batches)),
+                           float(sum(chosen_tokens(b) for b in step_batches))], device=device)
+    step_pairs, step_chosen_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
+    totals = {name: torch.zeros((), device=device) for name in METRICS}
+    tokens = 0
+    for i, pairs in enumerate(step_batches):
+        last = i == len(step_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss, sums, n_tokens = batch_loss(model, reference, pairs, cfg, pad_id, step_pairs, step_chosen_tokens,
+                                              device)
+            # DDP averages gradients over processes; multiplying by their number restores the global sum.
+            accelerator.backward(loss * accelerator.num_processes)
+        totals["loss"] += loss.detach()
+        for name, value in sums.items():
+            totals[name] += value / step_pairs
+        tokens += n_tokens
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    row = {name: accelerator.reduce(value, "sum").item() for name, value in totals.items()}
+    tokens = int(accelerator.reduce(torch.tensor(float(tokens), device=device), "sum").item())
+    return {**row, "grad_norm": grad_norm, "lr": lr, "pairs": int(step_pairs), "tokens": tokens}
+
+
+@torch.no_grad()
+def evaluate(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOConfig, pad_id: int,
+             accelerator: Accelerator) -> dict:
+    model.eval()
+    shard = pairs[accelerator.process_index::accelerator.num_processes]
+    total_pairs = float(len(pairs))
+    total_chosen = float(max(1, chosen_tokens(pairs)))
+    totals = {name: torch.zeros((), device=accelerator.device) for name in METRICS}
+    for start in range(0, len(shard), cfg.batch_size):
+        chunk = shard[start:start + cfg.batch_size]
+        loss, sums, _ = batch_loss(model, reference, chunk, cfg, pad_id, total_pairs, total_chosen,
+                                   accelerator.device)
+        totals["loss"] += loss
+        for name, value in sums.items():
+            totals[name] += value / total_pairs
+    model.train()
+    return {f"eval/{name}": accelerator.reduce(value, "sum").item() for name, value in totals.items()}
+
+
+# ---------------------------------------------------------------- the recipe
+
+def run(cfg: DPOConfig) -> dict:
+    """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
+    return train(cfg)[0]
+
+
+def train(cfg: DPOConfig):
+    """Train and save; returns (summary, trained model, tokenizer)."""
+    started = time.time()
+    accelerator = make_accelerator(cfg.dtype)
+    is_main = accelerator.is_main_process
+    out = prepare_output_dir(cfg, is_main, "dpo")
+    checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
+    set_seed(cfg.seed)
+
+    for path in cfg.data + cfg.eval_data:
+        require(Path(path))
+    model_path = resolve_model(cfg.model)
+    hf_logging.disable_progress_bar()
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    template = resolve_template(tokenizer, cfg.chat_template)
+    tokenizer.chat_template = template
+    train_pairs, stats = load_pairs(cfg.data, tokenizer, template, cfg.max_length)
+    if cfg.eval_data:
+        eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length)
+    else:
+        train_pairs, eval_pairs = split_eval(train_pairs, cfg.eval_fraction, cfg.seed)
+    if not train_pairs:
+        raise UserError("no preference pairs left to train on")
+    model = build_policy(cfg, model_path, checkpoint)
+    if is_main:
+        save_yaml(cfg, out / "config.yaml")
+
+    pad_id = tokenizer.pad_token_id
+    reference = build_reference(cfg, model_path, accelerator)
+    if reference.kind == "precomputed":
+        model.to(accelerator.device)
+        reference = precompute(reference, model, [train_pairs, eval_pairs], cfg, pad_id, accelerator, model_path)
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch = steps_per_epoch(len(micro_batches(train_pairs, cfg.batch_size, cfg.seed, 0, rank, world)),
+                                cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
+    state = {"step": 0, "epoch": 0, "index": 0, "pairs": 0, "tokens": 0, "train_seconds": 0.0,
+             "step_seconds": 0.0}
+    if checkpoint is not None:
+        state = load_training_state(checkpoint, optimizer, scheduler)
+        log(f"resuming from {checkpoint} (step {state['step']})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
+    log(f"{len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {total_steps} steps, global batch "
+        f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, losses {'+'.join(cfg.loss_type)}, "
+        f"beta {cfg.beta}, reference {reference.kind}, precision {accelerator.mixed_precision}")
+
+    stream = step_stream(train_pairs, cfg, state["epoch"], state["index"], rank, world)
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="dpo", unit="step",
+                    dynamic_ncols=True)
+    train_start = time.time() - state["train_seconds"]
+    window_tokens, window_seconds = 0, 0.0
+    last: dict = {}
+    eval_result: dict = {}
+    while state["step"] < total_steps:
+        step_batches, epoch, index = next(stream)
+        began = time.time()
+        last = train_step(model, reference, optimizer, scheduler, step_batches, cfg, pad_id, accelerator)
+        seconds = time.time() - began
+        state.update(step=state["step"] + 1, epoch=epoch, index=index, pairs=state["pairs"] + last["pairs"],
+                     tokens=state["tokens"] + last["tokens"], step_seconds=state["step_seconds"] + seconds)
+        window_tokens, window_seconds = window_tokens + last["tokens"], window_seconds + seconds
+        step = state["step"]
+        progress.update(1)
+        if step % cfg.logging_steps == 0 or step == total_steps:
+            rate = window_tokens / max(window_seconds, 1e-9)
+            row = {"step": step, "epoch": round(step / per_epoch, 4), **last, "tokens_per_s": round(rate, 1),
+                   "elapsed_s": round(time.time() - train_start, 2)}
+            if metrics:
+                metrics.write(row)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
+                                 margin=f"{last['rewards/margins']:.3f}", lr=f"{last['lr']:.1e}")
+            window_tokens, window_seconds = 0, 0.0
+        if eval_pairs and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
+            eval_result = evaluate(model, reference, eval_pairs, cfg, pad_id, accelerator)
+            if metrics:
+                metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
+            state["train_seconds"] = time.time() - train_start
+            if is_main:
+                save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
+                                scheduler, state, cfg.save_total_limit)
+            accelerator.wait_for_everyone()
+    progress.close()
+    final = save_final(model, tokenizer, out, accelerator)
+    summary = {
+        "final_loss": last.get("loss"),
+        **{k: last[k] for k in METRICS[1:] if k in last},
+        "steps": state["step"],
+        "trained_pairs": state["pairs"],
+        "tokens": state["tokens"],
+        "pairs_per_s": round(state["pairs"] / max(state["step_seconds"], 1e-9), 3),
+        "tokens_per_s": round(state["tokens"] / max(state["step_seconds"], 1e-9), 1),
+        "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1),
+        "rows": {"used": len(train_pairs), "eval": len(eval_pairs),
+                 **{k: v for k, v in stats.items() if k != "pairs"}},
+        "reference": reference.kind,
+        "train_seconds": round(time.time() - train_start, 2),
+        "wall_seconds": round(time.time() - started, 2),
+        **eval_result,
+        "output_dir": str(out),
+        "final": str(final),
+    }
+    if is_main:
+        metrics.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log(f"done: {state['step']} steps, loss {summary['final_loss']}, accuracy "
+            f"{summary.get('rewards/accuracies')}, {summary['pairs_per_s']} pairs/s; model in {final}")
+    hf_logging.enable_progress_bar()
+    return summary, accelerator.unwrap_model(model), tokenizer
