@@ -1,4 +1,6 @@
-"""Writes examples/data/arithmetic.jsonl: two-number sums answered in a fixed format (a skill to teach by SFT).
+"""Writes examples/data/arithmetic.jsonl (SFT rows) and arithmetic_prefs.jsonl (DPO pairs).
+
+SFT rows answer two-number sums in a fixed format; each preference pair prefers the right sum over a wrong one.
 
     python examples/make_arithmetic.py
 """
@@ -10,17 +12,23 @@ from pathlib import Path
 PHRASINGS = ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.", "{a} + {b} = ?"]
 
 
+def answer(a: int, b: int, total: int) -> str:
+    return f"{a} + {b} = {total}.\nAnswer: {total}"
+
+
 def main(rows: int = 64, seed: int = 0) -> None:
     rng = random.Random(seed)
-    out = Path(__file__).parent / "data" / "arithmetic.jsonl"
-    out.parent.mkdir(exist_ok=True)
-    with out.open("w") as handle:
+    folder = Path(__file__).parent / "data"
+    folder.mkdir(exist_ok=True)
+    with (folder / "arithmetic.jsonl").open("w") as sft, (folder / "arithmetic_prefs.jsonl").open("w") as prefs:
         for _ in range(rows):
             a, b = rng.randint(10, 99), rng.randint(10, 99)
             prompt = rng.choice(PHRASINGS).format(a=a, b=b)
-            answer = f"{a} + {b} = {a + b}.\nAnswer: {a + b}"
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-            handle.write(json.dumps({"messages": messages}) + "\n")
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer(a, b, a + b)}]
+            sft.write(json.dumps({"messages": messages}) + "\n")
+            wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+            pair = {"prompt": prompt, "chosen": answer(a, b, a + b), "rejected": answer(a, b, wrong)}
+            prefs.write(json.dumps(pair) + "\n")
 
 
 if __name__ == "__main__":

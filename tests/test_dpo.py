@@ -172,8 +172,8 @@ def test_all_reference_strategies_give_the_same_loss(tmp_path, tiny_model_dir, t
 def test_training_drives_reward_accuracy_to_one_and_margins_up(tmp_path, tiny_model_dir, lora):
     data = write_jsonl(tmp_path / "prefs.jsonl", PAIRS + [{"prompt": "Hi", "chosen": "Same", "rejected": "Same"}])
     cfg = make_dpo_config(model=str(tiny_model_dir), data=[str(data)], output_dir=str(tmp_path / "out"),
-                          batch_size=4, max_steps=40 if lora else 25, lr=2e-2 if lora else 5e-3, dtype="fp32", lora=lora,
-                          lora_dropout=0.0, lr_scheduler="constant")
+                          batch_size=4, max_steps=40 if lora else 25, lr=2e-2 if lora else 5e-3, dtype="fp32",
+                          lora=lora, lora_dropout=0.0, lr_scheduler="constant")
     summary = recipe.run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 1

@@ -37,3 +37,25 @@ def test_sft_on_smollm2_lowers_the_loss_and_the_output_reloads_and_generates(tmp
     generated = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Answer:" in answer, answer  # the trained answer format
+
+
+def test_dpo_with_lora_on_smollm2_logs_every_metric_and_the_adapter_reloads(tmp_path, embedded_cache):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    prefs = Path(__file__).resolve().parents[1] / "examples" / "data" / "arithmetic_prefs.jsonl"
+    rows = tmp_path / "prefs.jsonl"
+    rows.write_text("".join(prefs.read_text().splitlines(keepends=True)[:8]))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "alignkit", "dpo", "--model", "smollm2-135m-instruct", "--data", str(rows),
+         "--output-dir", str(out), "--lora", "--lr", "5e-4", "--batch-size", "4", "--max-steps", "2"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and abs(metrics[0]["loss"] - 0.6931) < 1e-3  # the policy starts as its reference
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "grad_norm", "lr", "pairs", "tokens", "tokens_per_s"):
+        assert key in metrics[-1], key
+    model = AutoPeftModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    assert any("lora_" in name for name, _ in model.named_parameters())
