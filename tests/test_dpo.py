@@ -128,16 +128,18 @@ def test_batched_logps_equal_separate_forwards(tokenizer):
 
 def test_all_reference_strategies_give_the_same_loss(tmp_path, tiny_model_dir, tokenizer):
     """copy (a reloaded initial policy), adapter (LoRA switched off) and precomputed agree on one batch."""
-    from alignkit.models.load import build_policy, load_model
+    from alignkit.models.load import build_policy
     from alignkit.training.run import make_accelerator
 
     pairs = pairs_for(tokenizer)
     accelerator = make_accelerator("fp32")
     pad = tokenizer.pad_token_id
     losses = {}
-    for kind, lora in (("copy", False), ("adapter", True), ("precomputed", False), ("precomputed", True)):
+    runs = (("copy", False, None), ("adapter", True, None), ("precomputed", False, None),
+            ("precomputed", True, None), ("copy", True, str(tiny_model_dir)))
+    for kind, lora, ref_model in runs:
         cfg = make_dpo_config(model=str(tiny_model_dir), data=["unused"], lora=lora, reference=kind,
-                              lora_dropout=0.0, dtype="fp32")
+                              lora_dropout=0.0, dtype="fp32", ref_model=ref_model)
         torch.manual_seed(1)
         policy = build_policy(cfg, tiny_model_dir, None)
         if not lora:  # move the policy away from the reference so the loss is not log 2
@@ -155,15 +157,15 @@ def test_all_reference_strategies_give_the_same_loss(tmp_path, tiny_model_dir, t
         policy.eval()
         with torch.no_grad():
             loss, sums, _ = recipe.batch_loss(policy, reference, pairs, cfg, pad, len(pairs), 1, "cpu")
-        losses[(kind, lora)] = (loss.item(), sums["rewards/margins"].item())
+        losses[(kind, lora, ref_model)] = (loss.item(), sums["rewards/margins"].item())
         for p in pairs:
             p.ref_logps = None
-    assert losses[("copy", False)] == pytest.approx(losses[("precomputed", False)], abs=1e-6)
-    assert losses[("adapter", True)] == pytest.approx(losses[("precomputed", True)], abs=1e-6)
-    assert losses[("copy", False)][0] != pytest.approx(math.log(2), abs=1e-4)
-    # The reference under LoRA is the base model, which is what 'copy' reloads.
-    base = load_model(tiny_model_dir)
-    assert recipe.Reference("copy", base.eval()).kind == "copy"
+    assert losses[("copy", False, None)] == pytest.approx(losses[("precomputed", False, None)], abs=1e-6)
+    # Under LoRA: the adapter switched off, the stored log-probs and a frozen copy of the base all agree.
+    assert losses[("adapter", True, None)] == pytest.approx(losses[("precomputed", True, None)], abs=1e-6)
+    assert losses[("adapter", True, None)] == pytest.approx(losses[("copy", True, str(tiny_model_dir))], abs=1e-6)
+    assert losses[("copy", False, None)][0] != pytest.approx(math.log(2), abs=1e-4)
+    assert losses[("adapter", True, None)][0] != pytest.approx(math.log(2), abs=1e-4)
 
 
 # ---------------------------------------------------------------- training
