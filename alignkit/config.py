@@ -99,6 +99,36 @@ class DPOConfig(TrainConfig):
     ref_model: str | None = _opt(None, "reference model (folder, .gguf or alias) instead of the initial policy")
 
 
+@dataclass
+class PrefsConfig:
+    model: str = _opt("smollm2-135m-instruct", "the model to sample from (folder, .gguf, alias or an alignkit final/)")
+    prompts: str | None = _opt(None, "prompts file: rows with a 'prompt' (text or messages)")
+    reward: str = _opt("sentiment", "sentiment (VADER compound), module:function, or a sequence-classification folder")
+    output: str | None = _opt(None, "where to write the preference pairs (JSONL)")
+    n: int = _opt(4, "completions sampled per prompt")
+    pairs: str = _opt("best-worst", "best-worst (one pair per prompt) or all (every pair above the margin)",
+                      choices=["best-worst", "all"])
+    margin: float = _opt(0.0, "keep a pair only when its rewards differ by more than this")
+    max_new_tokens: int = _opt(48, "longest completion, in tokens")
+    temperature: float = _opt(1.0, "sampling temperature")
+    top_p: float = _opt(1.0, "nucleus sampling threshold")
+    batch_size: int = _opt(16, "prompts per generation batch")
+    seed: int = _opt(0, "sampling seed")
+    dtype: str = _opt("auto", "auto (bf16 autocast where supported) or fp32", choices=["auto", "fp32"])
+    trust_remote_code: bool = _opt(False, "allow model code shipped inside the model folder to run")
+
+
+@dataclass
+class DemoConfig:
+    model: str = _opt("smollm2-135m-instruct", "base model for the whole pipeline")
+    output_dir: str | None = _opt(None, "where every stage and the report go (default: a new folder under runs/)")
+    quick: bool = _opt(False, "a smoke-test size: fewer prompts, samples and steps (a few minutes)")
+    beta_sweep: list[float] = _opt([], "train one DPO model per beta and plot the reward-KL frontier, "
+                                       "e.g. --beta-sweep 0.05 0.1 0.5")
+    seed: int = _opt(0, "seed for data splits, sampling and training")
+    overwrite: bool = _opt(False, "allow writing into an output_dir that already holds a demo")
+
+
 def fields_of(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls)}
 
@@ -152,6 +182,8 @@ def coerce(config_cls: type, name: str, value: Any, where: str) -> Any:
         item_kind = typing.get_args(kind)[0]
         items = value if isinstance(value, (list, tuple)) else [value]
         if item_kind is float:
+            # "0.05,0.1,0.5" and [0.05, 0.1, 0.5] both work
+            items = [part for v in items for part in (v.split(",") if isinstance(v, str) else [v]) if part != ""]
             return [coerce_float(v, bad) for v in items]
         if not all(isinstance(v, (str, Path)) for v in items):
             raise bad
@@ -236,6 +268,8 @@ def validate(config: Any) -> None:
             raise UserError(f"'{name}' must be in [0, 1), got {getattr(config, name)}")
     if isinstance(config, DPOConfig):
         validate_dpo(config)
+    if not isinstance(config, TrainConfig):
+        return
     if not config.data:
         raise UserError("no training data: set 'data' (--data FILE [FILE ...])")
     if config.max_steps == 0 and config.epochs == 0:

@@ -19,17 +19,17 @@ CORPUS = [
 ] * 20
 
 
-def build_tokenizer():
+def build_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 420):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(CORPUS, trainer)
+    core.train_from_iterator(CORPUS + (extra_corpus or []), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     return tokenizer

@@ -1,0 +1,1 @@
+"""`alignkit demo`: the DPO paper's controlled-sentiment experiment, scaled to a CPU."""

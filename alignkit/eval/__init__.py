@@ -1,0 +1,1 @@
+"""Measuring models: sequence KL to a reference, reward statistics and win rates."""

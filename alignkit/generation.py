@@ -1,0 +1,71 @@
+"""Batched sampling from a causal LM with its chat template, keeping the token ids for later scoring."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    text: str  # the completion, special tokens removed
+    prompt_ids: list[int]
+    completion_ids: list[int]  # up to and including the first end-of-turn token, if one was generated
+
+
+def render_prompt(tokenizer, prompt) -> str:
+    """A prompt (text or a message list) as the model sees it, ending with the assistant's turn header."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
+             top_p: float = 1.0, batch_size: int = 16, seed: int = 0, autocast: bool = False,
+             desc: str = "generating", show_progress: bool = True) -> list[list[Sample]]:
+    """n samples per prompt (greedy when temperature is 0). Prompts are left-padded and batched."""
+    torch.manual_seed(seed)
+    model.eval()
+    device = next(model.parameters()).device
+    stops = stop_ids(model, tokenizer)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    results: list[list[Sample]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts) * n, desc=desc, unit="sample", disable=not show_progress, dynamic_ncols=True)
+    precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [render_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+                {"do_sample": False}
+            with precision:
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                                        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_k=0,
+                                        **sampling)
+            width = inputs["input_ids"].shape[1]
+            for row, sequence in enumerate(output):
+                prompt_row = row // n
+                mask = inputs["attention_mask"][prompt_row].bool()
+                prompt_ids = inputs["input_ids"][prompt_row][mask].tolist()
+                completion = sequence[width:].tolist()
+                end = next((i for i, t in enumerate(completion) if t in stops), None)
+                completion = completion[:end + 1] if end is not None else completion
+                text = tokenizer.decode(completion, skip_special_tokens=True)
+                results[start + prompt_row].append(Sample(start + prompt_row, text, prompt_ids, completion))
+            bar.update(len(output))
+    finally:
+        tokenizer.padding_side = side
+        bar.close()
+    return results

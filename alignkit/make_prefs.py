@@ -1,0 +1,106 @@
+"""Preference data from samples and a reward, as in the DPO paper §6.1: sample n completions per prompt from a
+model, score each, and pair a preferred with a dispreferred one.
+
+Pairing: `best-worst` makes one pair per prompt, the highest against the lowest reward, when they differ by
+more than `margin`; `all` makes every pair whose rewards differ by more than `margin`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.data.sources import read_rows
+from alignkit.errors import UserError
+from alignkit.generation import generate
+from alignkit.rewards import Reward
+
+
+@dataclass
+class PrefsStats:
+    prompts: int
+    samples: int
+    pairs: int
+    skipped_prompts: int  # prompts whose samples were all within the margin
+    mean_reward: float
+
+
+def read_prompts(path: str) -> list:
+    prompts = []
+    for row in read_rows([path]):
+        prompt = row.fields.get("prompt")
+        if not isinstance(prompt, (str, list)) or not prompt:
+            raise UserError(f"{row.origin}: field 'prompt' must be text or a list of messages")
+        prompts.append(prompt)
+    return prompts
+
+
+def pair_up(prompt, completions: list[str], rewards: list[float], pairing: str = "best-worst",
+            margin: float = 0.0) -> list[dict]:
+    """Preference rows for one prompt from its scored completions."""
+    scored = sorted(zip(rewards, completions, strict=True), key=lambda rc: -rc[0])
+    if pairing == "best-worst":
+        candidates = [(scored[0], scored[-1])] if len(scored) > 1 else []
+    elif pairing == "all":
+        candidates = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1:]]
+    else:
+        raise UserError(f"pairs: use best-worst or all, got {pairing!r}")
+    return [{"prompt": prompt, "chosen": best[1], "rejected": worst[1], "chosen_reward": best[0],
+             "rejected_reward": worst[0]}
+            for best, worst in candidates if best[0] - worst[0] > margin and best[1] != worst[1]]
+
+
+def make_preferences(model, tokenizer, prompts: list, reward: Reward, n: int = 4, pairing: str = "best-worst",
+                     margin: float = 0.0, max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0,
+                     batch_size: int = 16, seed: int = 0, autocast: bool = False) -> tuple[list[dict], PrefsStats]:
+    if n < 2:
+        raise UserError(f"n must be at least 2 to form pairs, got {n}")
+    samples = generate(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, batch_size=batch_size, seed=seed, autocast=autocast, desc="sampling")
+    rows, skipped, all_rewards = [], 0, []
+    for prompt, group in zip(prompts, samples, strict=True):
+        texts = [s.text for s in group]
+        prompt_text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        rewards = reward([prompt_text] * len(texts), texts)
+        all_rewards += rewards
+        pairs = pair_up(prompt, texts, rewards, pairing, margin)
+        skipped += not pairs
+        rows += pairs
+    stats = PrefsStats(len(prompts), len(all_rewards), len(rows), skipped,
+                       sum(all_rewards) / max(1, len(all_rewards)))
+    return rows, stats
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def run(cfg) -> dict:
+    """`alignkit prefs`: sample, score, pair and write the JSONL that `alignkit dpo` reads."""
+    from alignkit.models.embedded import log
+    from alignkit.models.load import load_model, load_tokenizer, resolve_model
+    from alignkit.rewards import load_reward
+    from alignkit.training.run import mixed_precision
+
+    if not cfg.prompts:
+        raise UserError("no prompts: set --prompts FILE")
+    if not cfg.output:
+        raise UserError("no output: set --output FILE.jsonl")
+    prompts = read_prompts(cfg.prompts)
+    reward = load_reward(cfg.reward)
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    model = load_model(path, trust_remote_code=cfg.trust_remote_code)
+    autocast = cfg.dtype == "auto" and mixed_precision("auto") == "bf16"
+    rows, stats = make_preferences(model, tokenizer, prompts, reward, n=cfg.n, pairing=cfg.pairs, margin=cfg.margin,
+                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   batch_size=cfg.batch_size, seed=cfg.seed, autocast=autocast)
+    write_jsonl(rows, Path(cfg.output))
+    log(f"{stats.pairs} pairs from {stats.prompts} prompts x {cfg.n} samples (mean reward {stats.mean_reward:.3f}, "
+        f"{stats.skipped_prompts} prompts without a spread above {cfg.margin}); written to {cfg.output}")
+    return {"pairs": stats.pairs, "prompts": stats.prompts, "samples": stats.samples,
+            "skipped_prompts": stats.skipped_prompts, "mean_reward": stats.mean_reward, "output": cfg.output}
