@@ -42,7 +42,8 @@ def test_each_reward_plugin_loads_and_scores(tmp_path, monkeypatch):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=2,
-                         pad_token_id=tokenizer.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+                         pad_token_id=tokenizer.pad_token_id, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                         label2id={"NEGATIVE": 0, "POSITIVE": 1})
     classifier = tmp_path / "classifier"
     LlamaForSequenceClassification(config).save_pretrained(classifier)
     tokenizer.save_pretrained(classifier)
@@ -131,7 +132,8 @@ def test_demo_quick_on_a_tiny_model_writes_every_artifact(tmp_path):
                  "--beta-sweep", "0.1,0.5"]) == 0
     for name in ("report.md", "eval.json", "data/sft.jsonl", "data/prefs.jsonl", "data/train_prompts.jsonl",
                  "data/eval_prompts.jsonl", "sft/final/model.safetensors",
-                 "dpo-beta0.1/final/adapter_model.safetensors", "dpo-beta0.5/metrics.jsonl", "plots/loss.png", "plots/dpo_margins.png", "plots/dpo_accuracies.png",
+                 "dpo-beta0.1/final/adapter_model.safetensors", "dpo-beta0.5/metrics.jsonl", "plots/loss.png",
+                 "plots/dpo_margins.png", "plots/dpo_accuracies.png",
                  "plots/rewards.png", "plots/reward_kl.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "eval.json").read_text())
