@@ -57,6 +57,7 @@ def points(path: Path, title: str, xlabel: str, ylabel: str, labelled: list[tupl
         order = sorted(range(len(xs)), key=lambda i: xs[i])
         ax.plot([xs[i] for i in order], [ys[i] for i in order], color="grey", alpha=0.5)
     ax.scatter(xs, ys, zorder=3)
+    ax.margins(x=0.15, y=0.15)  # room for the labels
     for label, x, y in labelled:
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5))
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from alignkit.cli import main
-from alignkit.config import DPOConfig, SFTConfig, fields_of
+from alignkit.config import DemoConfig, DPOConfig, PrefsConfig, SFTConfig, fields_of
 from tests.conftest import write_jsonl
 
 ROWS = [{"prompt": "Hello", "completion": "hello there"}, {"prompt": "Add 12 and 30.", "completion": "42"}]
@@ -25,7 +25,8 @@ def data(tmp_path):
     return str(write_jsonl(tmp_path / "rows.jsonl", ROWS))
 
 
-@pytest.mark.parametrize(("command", "config_cls"), [("sft", SFTConfig), ("dpo", DPOConfig)])
+@pytest.mark.parametrize(("command", "config_cls"), [("sft", SFTConfig), ("dpo", DPOConfig),
+                                                     ("prefs", PrefsConfig), ("demo", DemoConfig)])
 def test_help_lists_every_field_with_its_default(capsys, command, config_cls):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
@@ -33,7 +34,9 @@ def test_help_lists_every_field_with_its_default(capsys, command, config_cls):
     text = " ".join(capsys.readouterr().out.split())
     for name in fields_of(config_cls):
         assert f"--{name.replace('_', '-')}" in text, name
-    assert "(default: 1024)" in text and "(default: smollm2-135m-instruct)" in text
+    assert "(default: smollm2-135m-instruct)" in text
+    if command in ("sft", "dpo"):
+        assert "(default: 1024)" in text
     if command == "dpo":
         assert "(default: 0.1)" in text and "(default: ['sigmoid'])" in text
 

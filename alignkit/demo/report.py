@@ -21,7 +21,7 @@ def write_report(out: Path, summary: dict) -> Path:
     figures = out / "plots"
     figures.mkdir(exist_ok=True)
     sft_rows = plots.read_metrics(out / "sft")
-    dpo_rows = {r["run"]: plots.read_metrics(out / r["run"]) for r in summary["dpo"]}
+    dpo_rows = {f"β={r['beta']:g}": plots.read_metrics(out / r["run"]) for r in summary["dpo"]}
     made = {
         "loss": plots.lines(figures / "loss.png", "Training loss", "loss",
                             {"SFT": plots.series(sft_rows, "loss"),
