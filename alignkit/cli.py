@@ -24,7 +24,7 @@ from alignkit.config import (
     suggest,
     validate,
 )
-from alignkit.errors import UserError
+from alignkit.errors import Interrupted, RunError, UserError
 
 COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "prefs": PrefsConfig, "demo": DemoConfig}
 RUNNERS = {"sft": "alignkit.recipes.sft", "dpo": "alignkit.recipes.dpo", "prefs": "alignkit.make_prefs",
@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"alignkit: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:
+        print(f"alignkit: error: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        print(f"alignkit: {err}", file=sys.stderr)
+        return err.code
     except KeyboardInterrupt:
         print("alignkit: interrupted", file=sys.stderr)
         return 130

@@ -69,6 +69,11 @@ class TrainConfig:
     save_total_limit: int = _opt(2, "newest checkpoints to keep (0 keeps all)")
     resume: bool = _opt(False, "continue from the newest checkpoint in output_dir")
     overwrite: bool = _opt(False, "allow writing into an output_dir that already holds a run")
+    on_bad_row: str = _opt("error", "error: stop at the first bad row (FILE:LINE: what is wrong); skip: leave bad "
+                                    "rows out, count them and list the first few in summary.json",
+                           choices=["error", "skip"])
+    max_bad_steps: int = _opt(10, "stop after this many steps in a row with a NaN/Inf loss or gradient norm "
+                                  "(such steps are skipped, not applied)")
 
 
 @dataclass
@@ -254,7 +259,8 @@ def validate(config: Any) -> None:
             if choices and value not in choices:
                 raise UserError(f"'{name}' must be one of {', '.join(choices)}, got {value!r}"
                                 f"{suggest(value, choices)}")
-    positive = ["lr", "batch_size", "grad_accum", "max_length", "logging_steps", "lora_r", "lora_alpha"]
+    positive = ["lr", "batch_size", "grad_accum", "max_length", "logging_steps", "lora_r", "lora_alpha",
+                "max_bad_steps"]
     for name in positive:
         if hasattr(config, name) and getattr(config, name) <= 0:
             raise UserError(f"'{name}' must be > 0, got {getattr(config, name)}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from alignkit.data.formats import Example, Message, _message_list
 from alignkit.data.sources import Row
-from alignkit.data.tokenize import TokenizedRow, tokenize_examples
+from alignkit.data.tokenize import TokenizedRow, TokenizeStats, check_prompt_lengths, convert_rows, tokenize_examples
 from alignkit.errors import UserError
 
 
@@ -43,6 +43,8 @@ class PreferenceStats:
     truncated: int = 0
     dropped: int = 0
     dropped_origins: list[str] = field(default_factory=list)
+    skipped: int = 0
+    skipped_rows: list[str] = field(default_factory=list)
 
 
 def _side(row: Row, name: str) -> list[Message]:
@@ -94,16 +96,14 @@ def _as_example(origin: str, prompt: list[Message], completion: list[Message]) -
     return Example(origin, messages=context + [Message(m.role, m.content, train=True) for m in completion])
 
 
-def tokenize_preferences(tokenizer, template: str, rows: list[Row], max_length: int
+def tokenize_preferences(tokenizer, template: str, rows: list[Row], max_length: int, on_bad_row: str = "error"
                          ) -> tuple[list[PreferenceRow], PreferenceStats]:
     stats = PreferenceStats()
-    examples = []
-    for row in rows:
-        example = to_preference(row)
-        if example is None:
-            stats.identical += 1
-        else:
-            examples.append(example)
+    bad = TokenizeStats()
+    converted = convert_rows(rows, to_preference, on_bad_row, bad)
+    stats.skipped, stats.skipped_rows = bad.skipped, bad.skipped_rows
+    examples = [e for e in converted if e is not None]
+    stats.identical = len(converted) - len(examples)
     chosen, chosen_stats = tokenize_examples(
         tokenizer, template, [_as_example(e.origin, e.prompt, e.chosen) for e in examples], max_length)
     rejected, rejected_stats = tokenize_examples(
@@ -116,6 +116,7 @@ def tokenize_preferences(tokenizer, template: str, rows: list[Row], max_length: 
             pairs.append(PreferenceRow(c, r, c.origin))
     dropped = sorted(set(chosen_stats.dropped_origins) | set(rejected_stats.dropped_origins))
     stats.dropped, stats.dropped_origins = len(dropped), dropped
+    check_prompt_lengths(TokenizeStats(dropped=len(dropped), dropped_origins=dropped), max_length, on_bad_row)
     cut = set(chosen_stats.truncated_origins) | set(rejected_stats.truncated_origins)
     stats.truncated = sum(1 for p in pairs if p.origin in cut)
     stats.pairs = len(pairs)

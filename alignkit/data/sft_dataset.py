@@ -14,7 +14,13 @@ from safetensors.torch import load_file, save_file
 
 from alignkit.data.formats import to_example
 from alignkit.data.sources import file_fingerprint, read_rows
-from alignkit.data.tokenize import TokenizedRow, TokenizeStats, tokenize_examples
+from alignkit.data.tokenize import (
+    TokenizedRow,
+    TokenizeStats,
+    check_prompt_lengths,
+    convert_rows,
+    tokenize_examples,
+)
 from alignkit.models.embedded import cache_root
 
 CACHE_VERSION = "1"  # bump when tokenisation rules change, so old caches are not reused
@@ -26,21 +32,26 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(vocab.encode()).hexdigest()
 
 
-def cache_key(paths: list[str], data_format: str, tokenizer, template: str, max_length: int) -> str:
+def cache_key(paths: list[str], data_format: str, tokenizer, template: str, max_length: int,
+              on_bad_row: str = "error") -> str:
     parts = [CACHE_VERSION, file_fingerprint(paths), data_format, tokenizer_fingerprint(tokenizer), template,
-             str(max_length), str(tokenizer.eos_token)]
+             str(max_length), str(tokenizer.eos_token), on_bad_row]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
 def load_sft_rows(paths: list[str], data_format: str, tokenizer, template: str, max_length: int,
-                  use_cache: bool = True) -> tuple[list[TokenizedRow], TokenizeStats, bool]:
+                  use_cache: bool = True, on_bad_row: str = "error") -> tuple[list[TokenizedRow], TokenizeStats, bool]:
     """Tokenised rows, their statistics, and whether they came from the cache."""
-    cache_file = cache_root() / "tokenized" / f"{cache_key(paths, data_format, tokenizer, template, max_length)}"
+    key = cache_key(paths, data_format, tokenizer, template, max_length, on_bad_row)
+    cache_file = cache_root() / "tokenized" / key
     if use_cache and cache_file.with_suffix(".json").is_file():
         rows, stats = _load_cache(cache_file)
         return rows, stats, True
-    examples = [to_example(row, data_format) for row in read_rows(paths)]
+    skipped = TokenizeStats()
+    examples = convert_rows(read_rows(paths), lambda row: to_example(row, data_format), on_bad_row, skipped)
     rows, stats = tokenize_examples(tokenizer, template, examples, max_length)
+    stats.skipped, stats.skipped_rows = skipped.skipped, skipped.skipped_rows
+    check_prompt_lengths(stats, max_length, on_bad_row)
     if use_cache:
         _save_cache(cache_file, rows, stats)
     return rows, stats, False

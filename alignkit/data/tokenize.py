@@ -33,6 +33,8 @@ class TokenizeStats:
     dropped: int = 0
     dropped_origins: list[str] = field(default_factory=list)
     truncated_origins: list[str] = field(default_factory=list)
+    skipped: int = 0  # bad rows left out under on_bad_row: skip
+    skipped_rows: list[str] = field(default_factory=list)  # "origin: what is wrong", the first few
 
 
 def render(tokenizer, template: str, messages: list[Message], add_generation_prompt: bool = False) -> str:
@@ -69,6 +71,28 @@ def _is_trained(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
         if start == end and lo <= start < hi:  # zero-width tokens inside a span
             return True
     return False
+
+
+def check_prompt_lengths(stats: TokenizeStats, max_length: int, on_bad_row: str) -> None:
+    """Under on_bad_row: error, a row whose prompt alone fills max_length stops the run before training."""
+    if stats.dropped and on_bad_row == "error":
+        raise UserError(f"{stats.dropped_origins[0]}: the prompt alone fills max_length={max_length} tokens "
+                        f"({stats.dropped} rows like this); raise --max-length or pass --on-bad-row skip")
+
+
+def convert_rows(rows: list, convert, on_bad_row: str, stats: TokenizeStats, keep: int = 5) -> list:
+    """`convert` applied to each row; bad rows raise (error) or are counted and left out (skip)."""
+    converted = []
+    for row in rows:
+        try:
+            converted.append(convert(row))
+        except UserError as err:
+            if on_bad_row != "skip":
+                raise
+            stats.skipped += 1
+            if len(stats.skipped_rows) < keep:
+                stats.skipped_rows.append(str(err))
+    return converted
 
 
 def tokenize_examples(tokenizer, template: str, examples: list[Example], max_length: int

@@ -36,9 +36,11 @@ from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, load_tokenizer, resolve_model
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.guard import NonFiniteGuard, StopOnSignal
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
+    interrupt,
     make_accelerator,
     prepare_output_dir,
     save_final,
@@ -69,15 +71,16 @@ class Reference:
     model: torch.nn.Module | None = None
 
 
-def load_pairs(paths: list[str], tokenizer, template: str, max_length: int) -> tuple[list[PreferenceRow], dict]:
-    pairs, stats = tokenize_preferences(tokenizer, template, read_rows(paths), max_length)
+def load_pairs(paths: list[str], tokenizer, template: str, max_length: int, on_bad_row: str = "error"
+               ) -> tuple[list[PreferenceRow], dict]:
+    pairs, stats = tokenize_preferences(tokenizer, template, read_rows(paths), max_length, on_bad_row)
     if stats.identical:
         log(f"dropped {stats.identical} rows whose chosen equals rejected")
     if stats.dropped:
         log(f"dropped {stats.dropped} pairs whose prompt alone fills max_length={max_length} "
             f"(e.g. {', '.join(stats.dropped_origins[:3])})")
     return pairs, {"pairs": stats.pairs, "identical": stats.identical, "truncated": stats.truncated,
-                   "dropped": stats.dropped}
+                   "dropped": stats.dropped, "skipped": stats.skipped, "skipped_examples": stats.skipped_rows}
 
 
 def sequence_logps(model, pairs: list[PreferenceRow], pad_id: int, device) -> tuple:
@@ -192,7 +195,8 @@ def chosen_tokens(pairs: list[PreferenceRow]) -> int:
 
 
 def train_step(model, reference, optimizer, scheduler, step_batches, cfg: DPOConfig, pad_id: int,
-               accelerator: Accelerator) -> dict:
+               accelerator: Accelerator, guard: NonFiniteGuard, step: int) -> dict:
+    """One optimizer step; a non-finite loss or gradient norm skips the update (see `training.guard`)."""
     device = accelerator.device
     counts = torch.tensor([float(sum(len(b) for b in step_batches)),
                            float(sum(chosen_tokens(b) for b in step_batches))], device=device)
@@ -214,10 +218,13 @@ def train_step(model, reference, optimizer, scheduler, step_batches, cfg: DPOCon
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
+    row = {name: accelerator.reduce(value, "sum").item() for name, value in totals.items()}
+    if guard.check(step, row["loss"], grad_norm):
+        optimizer.step()
+    else:
+        row["skipped"] = True
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    row = {name: accelerator.reduce(value, "sum").item() for name, value in totals.items()}
     tokens = int(accelerator.reduce(torch.tensor(float(tokens), device=device), "sum").item())
     return {**row, "grad_norm": grad_norm, "lr": lr, "pairs": int(step_pairs), "tokens": tokens}
 
@@ -264,9 +271,9 @@ def train(cfg: DPOConfig):
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     template = resolve_template(tokenizer, cfg.chat_template)
     tokenizer.chat_template = template
-    train_pairs, stats = load_pairs(cfg.data, tokenizer, template, cfg.max_length)
+    train_pairs, stats = load_pairs(cfg.data, tokenizer, template, cfg.max_length, cfg.on_bad_row)
     if cfg.eval_data:
-        eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length)
+        eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row)
     else:
         train_pairs, eval_pairs = split_eval(train_pairs, cfg.eval_fraction, cfg.seed)
     if not train_pairs:
@@ -306,35 +313,42 @@ def train(cfg: DPOConfig):
     window_tokens, window_seconds = 0, 0.0
     last: dict = {}
     eval_result: dict = {}
-    while state["step"] < total_steps:
-        step_batches, epoch, index = next(stream)
-        began = time.time()
-        last = train_step(model, reference, optimizer, scheduler, step_batches, cfg, pad_id, accelerator)
-        seconds = time.time() - began
-        state.update(step=state["step"] + 1, epoch=epoch, index=index, pairs=state["pairs"] + last["pairs"],
-                     tokens=state["tokens"] + last["tokens"], step_seconds=state["step_seconds"] + seconds)
-        window_tokens, window_seconds = window_tokens + last["tokens"], window_seconds + seconds
-        step = state["step"]
-        progress.update(1)
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            rate = window_tokens / max(window_seconds, 1e-9)
-            row = {"step": step, "epoch": round(step / per_epoch, 4), **last, "tokens_per_s": round(rate, 1),
-                   "elapsed_s": round(time.time() - train_start, 2)}
-            if metrics:
-                metrics.write(row)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
-                                 margin=f"{last['rewards/margins']:.3f}", lr=f"{last['lr']:.1e}")
-            window_tokens, window_seconds = 0, 0.0
-        if eval_pairs and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
-            eval_result = evaluate(model, reference, eval_pairs, cfg, pad_id, accelerator)
-            if metrics:
-                metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
-        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
-            state["train_seconds"] = time.time() - train_start
-            if is_main:
-                save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                scheduler, state, cfg.save_total_limit)
-            accelerator.wait_for_everyone()
+    guard = NonFiniteGuard(cfg.max_bad_steps)
+    with StopOnSignal() as stop:
+        while state["step"] < total_steps:
+            step_batches, epoch, index = next(stream)
+            began = time.time()
+            last = train_step(model, reference, optimizer, scheduler, step_batches, cfg, pad_id, accelerator, guard,
+                              state["step"] + 1)
+            seconds = time.time() - began
+            state.update(step=state["step"] + 1, epoch=epoch, index=index, pairs=state["pairs"] + last["pairs"],
+                         tokens=state["tokens"] + last["tokens"], step_seconds=state["step_seconds"] + seconds)
+            window_tokens, window_seconds = window_tokens + last["tokens"], window_seconds + seconds
+            step = state["step"]
+            progress.update(1)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                rate = window_tokens / max(window_seconds, 1e-9)
+                row = {"step": step, "epoch": round(step / per_epoch, 4), **last, "tokens_per_s": round(rate, 1),
+                       "elapsed_s": round(time.time() - train_start, 2)}
+                if metrics:
+                    metrics.write(row)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
+                                     margin=f"{last['rewards/margins']:.3f}", lr=f"{last['lr']:.1e}")
+                window_tokens, window_seconds = 0, 0.0
+            if eval_pairs and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
+                eval_result = evaluate(model, reference, eval_pairs, cfg, pad_id, accelerator)
+                if metrics:
+                    metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
+            due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
+            if (due and guard.in_a_row == 0) or stop.received:  # never checkpoint in the middle of a NaN streak
+                state["train_seconds"] = time.time() - train_start
+                if is_main:
+                    save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
+                                    scheduler, state, cfg.save_total_limit)
+                accelerator.wait_for_everyone()
+            if stop.received:
+                progress.close()
+                raise interrupt(stop, step, out)
     progress.close()
     final = save_final(model, tokenizer, out, accelerator)
     summary = {
@@ -349,6 +363,7 @@ def train(cfg: DPOConfig):
         "rows": {"used": len(train_pairs), "eval": len(eval_pairs),
                  **{k: v for k, v in stats.items() if k != "pairs"}},
         "reference": reference.kind,
+        "skipped_steps": guard.skipped,
         "train_seconds": round(time.time() - train_start, 2),
         "wall_seconds": round(time.time() - started, 2),
         **eval_result,

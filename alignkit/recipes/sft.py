@@ -29,9 +29,11 @@ from alignkit.losses import sft_loss, token_logprobs
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy, load_tokenizer, resolve_model
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.guard import NonFiniteGuard, StopOnSignal
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
+    interrupt,
     make_accelerator,
     prepare_output_dir,
     save_final,
@@ -43,12 +45,14 @@ from alignkit.training.run import (
 # ---------------------------------------------------------------- set-up
 
 def load_data(cfg: SFTConfig, tokenizer, template: str):
-    train, stats, cached = load_sft_rows(cfg.data, cfg.data_format, tokenizer, template, cfg.max_length)
+    train, stats, cached = load_sft_rows(cfg.data, cfg.data_format, tokenizer, template, cfg.max_length,
+                                         on_bad_row=cfg.on_bad_row)
     if cached:
         log("tokenised data loaded from cache")
     eval_rows: list[TokenizedRow] = []
     if cfg.eval_data:
-        eval_rows, _, _ = load_sft_rows(cfg.eval_data, cfg.data_format, tokenizer, template, cfg.max_length)
+        eval_rows, _, _ = load_sft_rows(cfg.eval_data, cfg.data_format, tokenizer, template, cfg.max_length,
+                                        on_bad_row=cfg.on_bad_row)
     else:
         train, eval_rows = split_eval(train, cfg.eval_fraction, cfg.seed)
     if not train:
@@ -67,8 +71,11 @@ def forward_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 
 def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow]], pad_id: int,
-               max_grad_norm: float, accelerator: Accelerator) -> tuple[float, int, float, float]:
-    """One optimizer step over its micro-batches; returns (summed NLL, trained tokens, grad norm, lr), global."""
+               max_grad_norm: float, accelerator: Accelerator, guard: NonFiniteGuard, step: int
+               ) -> tuple[float, int, float, float, bool]:
+    """One optimizer step over its micro-batches: (summed NLL, trained tokens, grad norm, lr, applied), global.
+
+    A step whose loss or gradient norm is not finite is not applied (see `training.guard`)."""
     device = accelerator.device
     batches = [{k: v.to(device) for k, v in collate(rows, pad_id).items()} for rows in step_batches]
     local_tokens = torch.tensor(float(sum(trained_tokens(b) for b in batches)), device=device)
@@ -85,10 +92,13 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
+    nll, tokens = accelerator.reduce(step_nll, "sum").item(), int(step_tokens.item())
+    applied = guard.check(step, nll / tokens, grad_norm)
+    if applied:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return accelerator.reduce(step_nll, "sum").item(), int(step_tokens.item()), grad_norm, lr
+    return nll, tokens, grad_norm, lr, applied
 
 
 @torch.no_grad()
@@ -166,39 +176,46 @@ def train(cfg: SFTConfig):
     last_loss = None
     eval_result: dict = {}
     train_start = time.time() - state["train_seconds"]
-    while state["step"] < total_steps:
-        step_batches, epoch, index = next(stream)
-        step_began = time.time()
-        step_nll, step_tokens, grad_norm, lr = train_step(model, optimizer, scheduler, step_batches, pad_id,
-                                                          cfg.max_grad_norm, accelerator)
-        last_loss = step_nll / step_tokens
-        state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens)
-        window_tokens += step_tokens
-        window_seconds += time.time() - step_began
-        state["step_seconds"] += time.time() - step_began
-        step = state["step"]
-        progress.update(1)
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            now = time.time()
-            rate = window_tokens / max(window_seconds, 1e-9)
-            row = {"step": step, "epoch": round(step / per_epoch, 4), "loss": last_loss, "lr": lr,
-                   "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": round(rate, 1),
-                   "elapsed_s": round(now - train_start, 2)}
-            if metrics:
-                metrics.write(row)
-            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
-            window_tokens, window_seconds = 0, 0.0
-        if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
-            eval_result = evaluate(model, eval_rows, cfg, pad_id, accelerator)
-            if metrics:
-                metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
-            progress.write(f"step {step}: eval loss {eval_result['eval/loss']:.4f}")
-        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps):
-            state["train_seconds"] = time.time() - train_start
-            if is_main:
-                save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                scheduler, state, cfg.save_total_limit)
-            accelerator.wait_for_everyone()
+    guard = NonFiniteGuard(cfg.max_bad_steps)
+    with StopOnSignal() as stop:
+        while state["step"] < total_steps:
+            step_batches, epoch, index = next(stream)
+            step_began = time.time()
+            step_nll, step_tokens, grad_norm, lr, applied = train_step(
+                model, optimizer, scheduler, step_batches, pad_id, cfg.max_grad_norm, accelerator, guard,
+                state["step"] + 1)
+            last_loss = step_nll / step_tokens
+            state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens)
+            window_tokens += step_tokens
+            window_seconds += time.time() - step_began
+            state["step_seconds"] += time.time() - step_began
+            step = state["step"]
+            progress.update(1)
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                now = time.time()
+                rate = window_tokens / max(window_seconds, 1e-9)
+                row = {"step": step, "epoch": round(step / per_epoch, 4), "loss": last_loss, "lr": lr,
+                       "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": round(rate, 1),
+                       "elapsed_s": round(now - train_start, 2), **({} if applied else {"skipped": True})}
+                if metrics:
+                    metrics.write(row)
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+                window_tokens, window_seconds = 0, 0.0
+            if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
+                eval_result = evaluate(model, eval_rows, cfg, pad_id, accelerator)
+                if metrics:
+                    metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
+                progress.write(f"step {step}: eval loss {eval_result['eval/loss']:.4f}")
+            due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
+            if (due and guard.in_a_row == 0) or stop.received:  # never checkpoint in the middle of a NaN streak
+                state["train_seconds"] = time.time() - train_start
+                if is_main:
+                    save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
+                                    scheduler, state, cfg.save_total_limit)
+                accelerator.wait_for_everyone()
+            if stop.received:
+                progress.close()
+                raise interrupt(stop, step, out)
     progress.close()
     train_seconds = time.time() - train_start
     final = save_final(model, tokenizer, out, accelerator)
@@ -210,7 +227,8 @@ def train(cfg: SFTConfig):
         "tokens_per_s": round(state["tokens"] / max(state["step_seconds"], 1e-9), 1),
         "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1),
         "rows": {"used": len(train_rows), "eval": len(eval_rows), "truncated": stats.truncated,
-                 "dropped": stats.dropped},
+                 "dropped": stats.dropped, "skipped": stats.skipped, "skipped_examples": stats.skipped_rows},
+        "skipped_steps": guard.skipped,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),
         **eval_result,

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from alignkit.errors import RunError
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -46,25 +48,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, scheduler, train_state: dict,
                     keep: int) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     staging = root / f".tmp-step-{step}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    model.save_pretrained(staging / "model")
-    tokenizer.save_pretrained(staging / "model")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    torch.save(rng_state(), staging / "rng.pt")
-    (staging / "state.json").write_text(json.dumps(train_state, indent=1))
-    _fsync_tree(staging)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / "latest")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+        model.save_pretrained(staging / "model")
+        tokenizer.save_pretrained(staging / "model")
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(rng_state(), staging / "rng.pt")
+        (staging / "state.json").write_text(json.dumps(train_state, indent=1))
+        _fsync_tree(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+    except OSError as err:  # disk full, quota, permissions: the previous checkpoint was never touched
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = latest_checkpoint(root)
+        raise RunError(f"could not save checkpoint {final} ({err.strerror or err}); "
+                       f"{'the previous checkpoint ' + str(kept) + ' is intact' if kept else 'no checkpoint is kept'}"
+                       ) from None
     _rotate(root, keep)
     return final
 

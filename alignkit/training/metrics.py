@@ -10,6 +10,7 @@ set's trained tokens), eval/ppl (exp of eval/loss), eval/tokens.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -23,13 +24,20 @@ class MetricsLog:
         self.path = path
         kept = []
         if keep_until_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_until_step]
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the half line a killed process may leave: redone after resume
+                    continue
+                if row.get("step", 0) <= keep_until_step:
+                    kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
         self.handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
 
     def write(self, row: dict) -> None:
-        self.handle.write(json.dumps(row) + "\n")
+        # NaN/Inf are not JSON: a skipped step's loss is written as null
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        self.handle.write(json.dumps(clean) + "\n")
         self.handle.flush()
 
     def close(self) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
+import signal
 from datetime import datetime
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from alignkit.data.batches import micro_batches
-from alignkit.errors import UserError
+from alignkit.errors import Interrupted, RunError, UserError
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints")
 
@@ -76,10 +78,24 @@ def step_stream(rows: list, cfg, epoch: int, index: int, rank: int, world: int):
 
 
 def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
-    final = out / "final"
+    """final/: written beside, then renamed into place, so a failed save never leaves half a model."""
+    final, staging = out / "final", out / ".final.tmp"
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            accelerator.unwrap_model(model).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RunError(f"could not save {final} ({err.strerror or err}); checkpoints are intact") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def interrupt(stop, step: int, out: Path) -> Interrupted:
+    """The exception that ends a run stopped by a signal, with how to continue it."""
+    return Interrupted(f"stopped by {signal.Signals(stop.received).name} after step {step}; checkpoint saved in "
+                       f"{out / 'checkpoints'}. Run the same command with --resume to continue", stop.exit_code)
