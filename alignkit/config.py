@@ -78,6 +78,9 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
+    layout: str = _opt("auto", "batch layout: auto (per_sequence on CPU, packed on GPU), padded, per_sequence "
+                               "or packed (rows packed into max_length bins with a block-diagonal mask)",
+                       choices=["auto", "padded", "per_sequence", "packed"])
     data_format: str = _opt("auto", "row format: auto, prompt_completion, messages, alpaca, sharegpt or text",
                             choices=["auto", "prompt_completion", "messages", "alpaca", "sharegpt", "text"])
 
@@ -102,6 +105,9 @@ class DPOConfig(TrainConfig):
                                   "adapter under LoRA, none for reference-free losses, else copy",
                           choices=["auto", "copy", "adapter", "precomputed", "none"])
     ref_model: str | None = _opt(None, "reference model (folder, .gguf or alias) instead of the initial policy")
+    layout: str = _opt("auto", "batch layout: auto (prefix_shared), padded, per_sequence, or prefix_shared (the "
+                               "prompt encoded once per pair, chosen and rejected attending to it)",
+                       choices=["auto", "padded", "per_sequence", "prefix_shared"])
 
 
 @dataclass

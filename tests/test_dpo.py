@@ -15,6 +15,7 @@ from alignkit.data.templates import resolve_template
 from alignkit.errors import UserError
 from alignkit.losses.dpo import hinge_loss, ipo_loss, nll_loss, robust_loss, sigmoid_loss, simpo_loss
 from alignkit.recipes import dpo as recipe
+from alignkit.training.forward import pair_logps
 from tests.conftest import build_model, write_jsonl
 
 PAIRS = [
@@ -117,7 +118,8 @@ def test_batched_logps_equal_separate_forwards(tokenizer):
     model = build_model(tokenizer).eval()
     pairs = pairs_for(tokenizer)
     with torch.no_grad():
-        batched = recipe.sequence_logps(model, pairs, tokenizer.pad_token_id, "cpu")[0]
+        chosen, rejected = pair_logps(model, pairs, "padded", tokenizer.pad_token_id, "cpu")[:2]
+        batched = torch.cat([chosen, rejected])
         separate = []
         for seq in [p.chosen for p in pairs] + [p.rejected for p in pairs]:
             logits = model(input_ids=torch.tensor([seq.input_ids])).logits[0, :-1].log_softmax(-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from alignkit.data.tokenize import IGNORE
 
@@ -26,3 +27,58 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int =
         pieces.append(-nll)
     logps = torch.cat(pieces, dim=0)
     return logps * mask, mask
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 softcap: float | None) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None = None,
+                  chunk_size: int = 1024) -> torch.Tensor:
+    """log softmax(head(hidden))[target] for N positions, chunk by chunk: hidden [N, H], targets [N] → [N].
+
+    Each chunk's [chunk, V] logits exist only while that chunk is computed; under autograd the chunk is
+    recomputed in the backward pass (activation checkpointing), so the whole [N, V] logits never exist at once.
+    With a 49k (SmolLM2) to 152k (Qwen) vocabulary these logits are the largest tensor of a step.
+    """
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size], softcap)
+        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+            pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(*args))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The last layer's (normalised) hidden states [B, T, H], asking the model for one position of logits only."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    return output.hidden_states[-1]
+
+
+def output_head(model) -> tuple[torch.nn.Module, float | None]:
+    model = getattr(model, "module", model)  # under DDP the head is the wrapped model's
+    return model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+
+
+def label_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None, chunk_size: int = 1024
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log π(label_{t+1} | ≤ t) at every trained position, computed from hidden states in chunks.
+
+    Returns (logps [N] float32, row [N], column [N]) of the N trained labels' predicting positions, in row-major
+    order; logits are never formed for prompt or padding positions.
+    """
+    trained = labels[:, 1:] != IGNORE
+    rows, cols = trained.nonzero(as_tuple=True)
+    hidden = final_hidden(model, input_ids, attention_mask, position_ids)
+    head, softcap = output_head(model)
+    logps = head_logprobs(hidden[:, :-1][rows, cols], head, labels[:, 1:][rows, cols], softcap, chunk_size)
+    return logps, rows, cols

@@ -19,16 +19,18 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from alignkit.config import SFTConfig, save_yaml
-from alignkit.data.batches import collate, micro_batches, trained_tokens
+from alignkit.data.batches import micro_batches
+from alignkit.data.packing import sft_units
 from alignkit.data.sft_dataset import load_sft_rows
 from alignkit.data.sources import require
 from alignkit.data.templates import resolve_template
-from alignkit.data.tokenize import TokenizedRow
+from alignkit.data.tokenize import IGNORE, TokenizedRow
 from alignkit.errors import UserError
-from alignkit.losses import sft_loss, token_logprobs
+from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy, load_tokenizer, resolve_model
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
@@ -65,32 +67,43 @@ def load_data(cfg: SFTConfig, tokenizer, template: str):
 
 # ---------------------------------------------------------------- the loop's parts
 
-def forward_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return token_logprobs(logits, batch["labels"])
+def resolve_layout(layout: str, device: torch.device) -> str:
+    """auto: one sequence per forward on CPU (SDPA's unmasked fast path), packed rows on GPU."""
+    if layout != "auto":
+        return layout
+    return "packed" if device.type == "cuda" else "per_sequence"
 
 
-def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow]], pad_id: int,
-               max_grad_norm: float, accelerator: Accelerator, guard: NonFiniteGuard, step: int
-               ) -> tuple[float, int, float, float, bool]:
+def unit_logps(model, unit) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ log π over each of the unit's sequences' trained tokens (with grad), and their numbers."""
+    sums, counts = unit_sequence_logps(model, unit, 1 if unit.sequence_ids is None else
+                                       int(unit.sequence_ids.max()) + 1)
+    return sums, counts
+
+
+def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow]], cfg: SFTConfig, pad_id: int,
+               accelerator: Accelerator, guard: NonFiniteGuard, step: int) -> tuple[float, int, float, float, bool]:
     """One optimizer step over its micro-batches: (summed NLL, trained tokens, grad norm, lr, applied), global.
 
-    A step whose loss or gradient norm is not finite is not applied (see `training.guard`)."""
+    Each micro-batch is laid out as `cfg.layout` says; each forward pass is followed by its backward, so only
+    one pass's activations are alive. A step whose loss or gradient norm is not finite is not applied."""
     device = accelerator.device
-    batches = [{k: v.to(device) for k, v in collate(rows, pad_id).items()} for rows in step_batches]
-    local_tokens = torch.tensor(float(sum(trained_tokens(b) for b in batches)), device=device)
+    layout = resolve_layout(cfg.layout, device)
+    units = [u.to(device) for rows in step_batches for u in sft_units(rows, layout, pad_id, cfg.max_length)]
+    local_tokens = torch.tensor(float(sum(trained_label_count(rows) for rows in step_batches)), device=device)
     step_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1)
     step_nll = torch.zeros((), device=device)
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
+    for i, unit in enumerate(units):
+        last = i == len(units) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            logps, mask = forward_logps(model, batch)
+            sums, _ = unit_logps(model, unit)
             # DDP averages gradients over processes; multiplying by their number restores the global sum.
-            loss = sft_loss(logps, mask, step_tokens) * accelerator.num_processes
+            loss = sft_loss(sums, torch.ones_like(sums, dtype=torch.bool), step_tokens) * accelerator.num_processes
             accelerator.backward(loss)
-        step_nll -= (logps.detach() * mask).sum()
+        step_nll -= sums.detach().sum()
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
+                                                  float("inf")))
     lr = scheduler.get_last_lr()[0]
     nll, tokens = accelerator.reduce(step_nll, "sum").item(), int(step_tokens.item())
     applied = guard.check(step, nll / tokens, grad_norm)
@@ -101,17 +114,23 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
     return nll, tokens, grad_norm, lr, applied
 
 
+def trained_label_count(rows: list[TokenizedRow]) -> int:
+    """Tokens that enter the loss: labels after the shift (position t predicts token t+1)."""
+    return sum(sum(1 for label in r.labels[1:] if label != IGNORE) for r in rows)
+
+
 @torch.no_grad()
 def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accelerator: Accelerator) -> dict:
     model.eval()
+    layout = resolve_layout(cfg.layout, accelerator.device)
     shard = rows[accelerator.process_index::accelerator.num_processes]
     nll = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
     for start in range(0, len(shard), cfg.batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in collate(shard[start:start + cfg.batch_size], pad_id).items()}
-        logps, mask = forward_logps(model, batch)
-        nll -= logps.sum()
-        tokens += mask.sum()
+        for unit in sft_units(shard[start:start + cfg.batch_size], layout, pad_id, cfg.max_length):
+            sums, counts = unit_logps(model, unit.to(accelerator.device))
+            nll -= sums.sum()
+            tokens += counts.sum()
     model.train()
     nll, tokens = accelerator.reduce(nll, "sum"), accelerator.reduce(tokens, "sum")
     loss = (nll / tokens.clamp(min=1)).item()
@@ -166,7 +185,8 @@ def train(cfg: SFTConfig):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{len(train_rows)} training rows, {len(eval_rows)} eval rows, {total_steps} steps, "
         f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, "
-        f"{trainable:,} trainable parameters, precision {accelerator.mixed_precision}")
+        f"{trainable:,} trainable parameters, precision {accelerator.mixed_precision}, "
+        f"layout {resolve_layout(cfg.layout, accelerator.device)}")
 
     pad_id = tokenizer.pad_token_id
     stream = step_stream(train_rows, cfg, state["epoch"], state["index"], rank, world)
@@ -182,8 +202,7 @@ def train(cfg: SFTConfig):
             step_batches, epoch, index = next(stream)
             step_began = time.time()
             step_nll, step_tokens, grad_norm, lr, applied = train_step(
-                model, optimizer, scheduler, step_batches, pad_id, cfg.max_grad_norm, accelerator, guard,
-                state["step"] + 1)
+                model, optimizer, scheduler, step_batches, cfg, pad_id, accelerator, guard, state["step"] + 1)
             last_loss = step_nll / step_tokens
             state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens)
             window_tokens += step_tokens

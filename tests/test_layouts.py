@@ -1,0 +1,113 @@
+"""Every batch layout and the chunked log-probs give the plain path's numbers (fp32, to 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.data import packing
+from alignkit.data.formats import to_example
+from alignkit.data.prefs import tokenize_preferences
+from alignkit.data.sources import Row
+from alignkit.data.templates import resolve_template
+from alignkit.data.tokenize import tokenize_examples
+from alignkit.losses import token_logprobs
+from alignkit.losses.logprobs import head_logprobs
+from alignkit.training.forward import pair_logps, unit_sequence_logps
+from tests.conftest import build_model
+
+ROWS = [
+    {"prompt": "Add 12 and 30.", "completion": "The answer is 42."},
+    {"prompt": "Hello", "completion": "hello there"},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Paris."}]},
+    {"text": "Write a short poem about the sea."},
+]
+PAIRS = [
+    {"prompt": "Add 12 and 30.", "chosen": "42", "rejected": "The answer is 43."},
+    {"prompt": "Hello ", "chosen": "world", "rejected": "there"},  # plain template: BPE merges across
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a short poem."}],
+     "chosen": [{"role": "assistant", "content": "The sea is blue."}],
+     "rejected": [{"role": "assistant", "content": "No."}]},
+]
+
+
+def sft_rows(tokenizer):
+    examples = [to_example(Row(r, f"r{i}")) for i, r in enumerate(ROWS)]
+    return tokenize_examples(tokenizer, resolve_template(tokenizer, None), examples, 512)[0]
+
+
+def test_chunked_head_logprobs_equal_the_full_log_softmax_with_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    full = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None])[:, 0]
+    (full * torch.arange(37.0)).sum().backward()
+    grad_hidden, grad_head = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    chunked = head_logprobs(hidden, head, targets, chunk_size=8)
+    (chunked * torch.arange(37.0)).sum().backward()
+    assert torch.allclose(chunked, full, atol=1e-6)
+    assert torch.allclose(hidden.grad, grad_hidden, atol=1e-6) and torch.allclose(head.weight.grad, grad_head,
+                                                                                  atol=1e-6)
+
+
+def test_best_fit_decreasing_fills_bins():
+    # 6 opens a bin, 5 and 4 open their own, 3 tops up the 5 exactly, 2 tops up the 6
+    assert packing.best_fit_decreasing([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+
+
+@pytest.mark.parametrize("layout", ["per_sequence", "packed"])
+def test_sft_layouts_equal_the_padded_batch_in_value_and_gradient(tokenizer, layout):
+    model = build_model(tokenizer)
+    rows = sft_rows(tokenizer)
+
+    def run(units):
+        model.zero_grad()
+        sums = torch.zeros(len(rows))
+        counts = torch.zeros(len(rows))
+        offset = 0
+        for unit in units:
+            n = 1 if layout == "per_sequence" and unit is not units_padded[0] else len(rows)
+            s, c = unit_sequence_logps(model, unit, n)
+            s.sum().backward()
+            sums[offset:offset + n] += s.detach()
+            counts[offset:offset + n] += c
+            offset += n if n == 1 else 0
+        return sums, counts, [p.grad.clone() for p in model.parameters()]
+
+    units_padded = [packing.padded(rows, tokenizer.pad_token_id)]
+    plain = run(units_padded)
+    other = run(packing.sft_units(rows, layout, tokenizer.pad_token_id, capacity=256))
+    assert torch.allclose(other[0], plain[0], atol=1e-5) and torch.equal(other[1], plain[1])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(other[2], plain[2], strict=True))
+    # and the old full-logits path agrees too
+    batch = units_padded[0]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    reference, _ = token_logprobs(logits, batch.labels)
+    assert torch.allclose(reference.sum(-1).detach(), plain[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("template", [None, "plain"])
+@pytest.mark.parametrize("layout", ["per_sequence", "prefix_shared"])
+def test_dpo_layouts_equal_separate_padded_forwards(tokenizer, layout, template):
+    model = build_model(tokenizer)
+    rows = [Row(p, f"p{i}") for i, p in enumerate(PAIRS)]
+    pairs = tokenize_preferences(tokenizer, resolve_template(tokenizer, template), rows, 512)[0]
+    plain = pair_logps(model, pairs, "padded", tokenizer.pad_token_id, "cpu")
+    other = pair_logps(model, pairs, layout, tokenizer.pad_token_id, "cpu")
+    for a, b in zip(plain[:4], other[:4], strict=True):
+        assert torch.allclose(a.detach(), b.detach(), atol=1e-5)
+    grads = []
+    for result in (plain, other):
+        model.zero_grad()
+        (result[0].sum() - 2 * result[1].sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if result is plain:
+            plain = pair_logps(model, pairs, "padded", tokenizer.pad_token_id, "cpu")
+            other = pair_logps(model, pairs, layout, tokenizer.pad_token_id, "cpu")
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
+    if layout == "prefix_shared":
+        assert other[4] < plain[4]  # fewer tokens read: the prompt once per pair
