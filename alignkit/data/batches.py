@@ -34,7 +34,3 @@ def collate(rows: list[TokenizedRow], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
-
-def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that enter the loss: labels after the shift (position t predicts token t+1)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.batches import collate
+from alignkit.data.packing import padded
 from alignkit.data.tokenize import IGNORE, TokenizedRow
 from alignkit.generation import Sample
-from alignkit.losses import token_logprobs
+from alignkit.training.forward import unit_sequence_logps
 
 
 @torch.no_grad()
@@ -24,10 +24,9 @@ def completion_logps(model, samples: list[Sample], pad_id: int, batch_size: int 
             for s in samples]
     sums: list[float] = []
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, _ = token_logprobs(logits, batch["labels"])
-        sums += logps.sum(-1).tolist()
+        chunk = rows[start:start + batch_size]
+        logps, _ = unit_sequence_logps(model, padded(chunk, pad_id).to(device), len(chunk))
+        sums += logps.tolist()
     return sums
 
 
