@@ -41,6 +41,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _field_help(f: dataclasses.Field) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if "(default:" in f.metadata["help"]:
+        return f.metadata["help"]
     shown = "none" if default is None or default == [] else default
     return f"{f.metadata['help']} (default: {shown})"
 
@@ -112,10 +114,32 @@ def _reject_unknown(unknown: list[str], config_cls: type) -> None:
     raise UserError(f"unknown option {flag.split('=')[0]}{hint}")
 
 
+def one_line(err: Exception) -> str:
+    """Library messages pasted into ours may hold line breaks; the error stays one line."""
+    return " ".join(str(err).split())
+
+
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """`--lr -1e-4` as `--lr=-1e-4`, so argparse does not take the number for an option (the check says why
+    it is refused)."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and token.startswith("-"):
+            try:
+                float(token)
+            except ValueError:
+                pass
+            else:
+                joined[-1] = f"{joined[-1]}={token}"
+                continue
+        joined.append(token)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args, unknown = parser.parse_known_args(argv)
+        args, unknown = parser.parse_known_args(join_negative_numbers(sys.argv[1:] if argv is None else argv))
         if args.command is None:
             parser.print_help()
             return 2
@@ -127,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         runner.run(config)
         return 0
     except UserError as err:
-        print(f"alignkit: error: {err}", file=sys.stderr)
+        print(f"alignkit: error: {one_line(err)}", file=sys.stderr)
         return 2
     except RunError as err:
-        print(f"alignkit: error: {err}", file=sys.stderr)
+        print(f"alignkit: error: {one_line(err)}", file=sys.stderr)
         return 1
     except Interrupted as err:
         print(f"alignkit: {err}", file=sys.stderr)

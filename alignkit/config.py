@@ -38,7 +38,8 @@ class TrainConfig:
                                            "(default: the tokenizer's own, else chatml)")
     eval_data: list[str] = _opt([], "evaluation data files (same formats as data)")
     eval_fraction: float = _opt(0.0, "fraction of the training rows held out for evaluation when no eval_data")
-    output_dir: str | None = _opt(None, "run folder: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/")
+    output_dir: str | None = _opt(None, "run folder: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/ "
+                                        "(default: runs/COMMAND-DATE-TIME)")
     max_length: int = _opt(1024, "longest tokenised row; longer completions are cut from the end, "
                                  "rows whose prompt alone reaches it are dropped")
     # How to train
@@ -152,8 +153,18 @@ def field_type(config_cls: type, name: str) -> Any:
     return hint
 
 
+# What TRL / transformers call some of our fields, so their users get pointed at the right one.
+HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+            "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length",
+            "lr_scheduler_type": "lr_scheduler", "model_name_or_path": "model", "dataset": "data",
+            "train_file": "data", "max_grad_norm": "max_grad_norm", "bf16": "dtype", "lora_rank": "lora_r"}
+
+
 def suggest(name: str, valid: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    valid = list(valid)
+    if HF_NAMES.get(name) in valid:
+        return f" (did you mean '{HF_NAMES[name]}'?)"
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -280,6 +291,8 @@ def validate(config: Any) -> None:
             raise UserError(f"'{name}' must be in [0, 1), got {getattr(config, name)}")
     if isinstance(config, DPOConfig):
         validate_dpo(config)
+    if hasattr(config, "seed") and not 0 <= config.seed < 2**32:
+        raise UserError(f"'seed' must be in [0, 2**32), got {config.seed}")
     if not isinstance(config, TrainConfig):
         return
     if not config.data:
@@ -307,4 +320,6 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    """The resolved config; `resume` and `overwrite` are saved off, so re-using the file never wipes a run."""
+    values = {k: (False if k in ("resume", "overwrite") else v) for k, v in to_dict(config).items()}
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")

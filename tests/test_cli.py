@@ -128,3 +128,41 @@ def test_no_data_is_refused_before_any_model_is_loaded(capsys):
 def test_console_script_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "alignkit", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("alignkit ")
+
+
+def test_overwrite_never_deletes_a_run_before_the_inputs_pass_their_checks(tmp_path, tiny_model_dir, data, capsys):
+    out = tmp_path / "out"
+    base = ["sft", "--model", str(tiny_model_dir), "--output-dir", str(out), "--max-steps", "1", "--dtype", "fp32"]
+    assert run_cli(capsys, *base, "--data", data)[0] == 0
+    code, err = run_cli(capsys, *base, "--data", str(tmp_path / "missing.jsonl"), "--overwrite")
+    assert code == 2 and "missing.jsonl: data file not found" in err
+    assert (out / "final" / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["overwrite"] is False and saved["resume"] is False  # re-using the file never wipes a run
+    code, err = run_cli(capsys, *base, "--data", data, "--resume", "--lora")
+    assert code == 2 and "holds full weights; resume with lora: false" in err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seed", "-1"], "'seed' must be in [0, 2**32), got -1"),
+    (["--lr", "-1e-4"], "'lr' must be > 0, got -0.0001"),
+    (["--learning-rate", "0.1"], "unknown option --learning-rate (did you mean '--lr'?)"),
+])
+def test_more_bad_flags(tmp_path, data, capsys, flags, message):
+    code, err = run_cli(capsys, "sft", "--data", data, "--output-dir", str(tmp_path / "o"), *flags)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_output_dir_that_is_a_file_and_rows_missing_their_completion(tmp_path, tiny_model_dir, data, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(capsys, "sft", "--model", str(tiny_model_dir), "--data", data, "--output-dir",
+                        str(tmp_path / "afile"))
+    assert code == 2 and "output_dir is a file" in err
+    rows = tmp_path / "prompts.json"
+    rows.write_text('{"prompt": "Hello"}\n{"prompt": "Hi"}\n')  # JSON Lines in a .json file
+    code, err = run_cli(capsys, "sft", "--model", str(tiny_model_dir), "--data", str(rows), "--output-dir",
+                        str(tmp_path / "o"))
+    assert code == 2 and f"{rows}:1: missing field 'completion'" in err
+    assert not (tmp_path / "o").exists()  # nothing is created for a run that never started

@@ -50,6 +50,10 @@ def detect_format(row: Row) -> str:
         return "alpaca"
     if "text" in keys:
         return "text"
+    if "prompt" in keys and not {"chosen", "rejected"} & set(keys):
+        raise UserError(f"{row.origin}: missing field 'completion'")
+    if "chosen" in keys or "rejected" in keys:
+        raise UserError(f"{row.origin}: a preference row (chosen/rejected): train it with 'alignkit dpo'")
     found = ", ".join(sorted(map(str, keys))) or "none"
     raise UserError(f"{row.origin}: cannot tell the row format from its fields ({found}); expected messages, "
                     "conversations, prompt+completion, instruction+output or text")
@@ -169,8 +173,9 @@ def _check_conversation(example: Example) -> None:
     for m in messages:
         if m.train and not m.content.strip():
             raise UserError(f"{example.origin}: an assistant turn is empty")
-    if messages[0].role == "assistant":
-        raise UserError(f"{example.origin}: the conversation starts with an assistant turn; it needs a prompt")
+    first = next((m for m in messages if m.role != "system"), None)
+    if first is None or first.role != "user":
+        raise UserError(f"{example.origin}: the conversation needs a user turn before its first assistant turn")
     for m in messages:
         if m.role == "system" and m is not messages[0]:
             raise UserError(f"{example.origin}: a system message may only come first")

@@ -92,6 +92,8 @@ def _read_json(path: Path, text: str) -> list[Row]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one object per line in a .json file: read it as JSON Lines
+            return _read_jsonl(path, text)
         raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
         value = next(iter(value.values()))  # {"train": [...]} or {"data": [...]}

@@ -36,7 +36,9 @@ def cache_root() -> Path:
 
 
 def log(message: str) -> None:
-    print(f"alignkit: {message}", file=sys.stderr, flush=True)
+    """A progress line on stderr, from the main process only when several run (torchrun, accelerate launch)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"alignkit: {message}", file=sys.stderr, flush=True)
 
 
 def embedded_model_path(alias: str) -> Path:

@@ -71,6 +71,11 @@ def build_policy(cfg, model_path: Path, checkpoint: Path | None):
     """The model to train: full weights or base + LoRA, from the checkpoint when resuming."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     # A full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapter.
+    if checkpoint is not None:
+        saved_lora = (checkpoint / "model" / "adapter_model.safetensors").is_file()
+        if saved_lora != cfg.lora:
+            kind = "a LoRA adapter" if saved_lora else "full weights"
+            raise UserError(f"{checkpoint}: holds {kind}; resume with lora: {str(saved_lora).lower()}")
     weights = checkpoint / "model" if checkpoint is not None and not cfg.lora else model_path
     model = load_model(weights, dtype, cfg.trust_remote_code)
     if cfg.lora:

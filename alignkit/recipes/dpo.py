@@ -41,9 +41,10 @@ from alignkit.training.guard import NonFiniteGuard, StopOnSignal
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
+    check_output_dir,
+    claim_output_dir,
     interrupt,
     make_accelerator,
-    prepare_output_dir,
     save_final,
     split_eval,
     step_stream,
@@ -100,12 +101,14 @@ def reference_logps(reference: Reference, model, pairs: list[PreferenceRow], lay
         return stored[:, 0], stored[:, 1]
     if reference.kind == "copy":
         return pair_logps(reference.model, pairs, layout, pad_id, device)[:2]
-    # the policy with its LoRA adapter switched off is the initial model; eval mode turns dropout off
-    was_training = model.training
-    model.eval()
-    with model.disable_adapter():
-        chosen, rejected = pair_logps(model, pairs, layout, pad_id, device)[:2]
-    model.train(was_training)
+    # the policy with its LoRA adapter switched off is the initial model; eval mode turns dropout off.
+    # No gradient flows here, so the model inside a DDP wrapper can be called directly.
+    inner = getattr(model, "module", model)
+    was_training = inner.training
+    inner.eval()
+    with inner.disable_adapter():
+        chosen, rejected = pair_logps(inner, pairs, layout, pad_id, device)[:2]
+    inner.train(was_training)
     return chosen, rejected
 
 
@@ -258,7 +261,7 @@ def train(cfg: DPOConfig):
     started = time.time()
     accelerator = make_accelerator(cfg.dtype)
     is_main = accelerator.is_main_process
-    out = prepare_output_dir(cfg, is_main, "dpo")
+    out = check_output_dir(cfg, "dpo")
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     set_seed(cfg.seed)
 
@@ -277,6 +280,7 @@ def train(cfg: DPOConfig):
     if not train_pairs:
         raise UserError("no preference pairs left to train on")
     model = build_policy(cfg, model_path, checkpoint)
+    claim_output_dir(cfg, out, is_main)
     if is_main:
         save_yaml(cfg, out / "config.yaml")
 
@@ -297,6 +301,10 @@ def train(cfg: DPOConfig):
     if checkpoint is not None:
         state = load_training_state(checkpoint, optimizer, scheduler)
         log(f"resuming from {checkpoint} (step {state['step']})")
+        if state.get("total_steps", total_steps) != total_steps:
+            log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
+                "from the checkpoint's position, not from a schedule planned for the new length")
+    state["total_steps"] = total_steps
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
@@ -321,7 +329,8 @@ def train(cfg: DPOConfig):
                               state["step"] + 1)
             seconds = time.time() - began
             state.update(step=state["step"] + 1, epoch=epoch, index=index, pairs=state["pairs"] + last["pairs"],
-                         tokens=state["tokens"] + last["tokens"], step_seconds=state["step_seconds"] + seconds)
+                         loss=last["loss"], tokens=state["tokens"] + last["tokens"],
+                         step_seconds=state["step_seconds"] + seconds)
             window_tokens, window_seconds = window_tokens + last["tokens"], window_seconds + seconds
             step = state["step"]
             progress.update(1)
@@ -351,7 +360,7 @@ def train(cfg: DPOConfig):
     progress.close()
     final = save_final(model, tokenizer, out, accelerator)
     summary = {
-        "final_loss": last.get("loss"),
+        "final_loss": state.get("loss"),
         **{k: last[k] for k in METRICS[1:] if k in last},
         "steps": state["step"],
         "trained_pairs": state["pairs"],

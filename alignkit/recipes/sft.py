@@ -35,9 +35,10 @@ from alignkit.training.guard import NonFiniteGuard, StopOnSignal
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
+    check_output_dir,
+    claim_output_dir,
     interrupt,
     make_accelerator,
-    prepare_output_dir,
     save_final,
     split_eval,
     step_stream,
@@ -149,7 +150,7 @@ def train(cfg: SFTConfig):
     started = time.time()
     accelerator = make_accelerator(cfg.dtype)
     is_main = accelerator.is_main_process
-    out = prepare_output_dir(cfg, is_main, "sft")
+    out = check_output_dir(cfg, "sft")
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log(f"no checkpoint in {out / 'checkpoints'}: starting from the beginning")
@@ -164,6 +165,7 @@ def train(cfg: SFTConfig):
     tokenizer.chat_template = template  # final/ carries the template the model was trained with
     train_rows, eval_rows, stats = load_data(cfg, tokenizer, template)
     model = build_policy(cfg, model_path, checkpoint)
+    claim_output_dir(cfg, out, is_main)
     if is_main:
         save_yaml(cfg, out / "config.yaml")
 
@@ -179,6 +181,10 @@ def train(cfg: SFTConfig):
     if checkpoint is not None:
         state = load_training_state(checkpoint, optimizer, scheduler)
         log(f"resuming from {checkpoint} (step {state['step']})")
+        if state.get("total_steps", total_steps) != total_steps:
+            log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
+                "from the checkpoint's position, not from a schedule planned for the new length")
+    state["total_steps"] = total_steps
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
@@ -204,7 +210,8 @@ def train(cfg: SFTConfig):
             step_nll, step_tokens, grad_norm, lr, applied = train_step(
                 model, optimizer, scheduler, step_batches, cfg, pad_id, accelerator, guard, state["step"] + 1)
             last_loss = step_nll / step_tokens
-            state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens)
+            state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens,
+                         loss=last_loss)
             window_tokens += step_tokens
             window_seconds += time.time() - step_began
             state["step_seconds"] += time.time() - step_began
@@ -240,7 +247,7 @@ def train(cfg: SFTConfig):
     final = save_final(model, tokenizer, out, accelerator)
 
     summary = {
-        "final_loss": last_loss,
+        "final_loss": state.get("loss"),
         "steps": state["step"],
         "trained_tokens": state["tokens"],
         "tokens_per_s": round(state["tokens"] / max(state["step_seconds"], 1e-9), 1),

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -30,24 +31,34 @@ def mixed_precision(dtype: str) -> str:
 
 
 def make_accelerator(dtype: str) -> Accelerator:
+    # transformers 5 warns on every peft model about a renamed attribute peft still reads; not ours to act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
     # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
     AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed_precision(dtype), cpu=not torch.cuda.is_available())
 
 
-def prepare_output_dir(cfg, is_main: bool, kind: str) -> Path:
+def check_output_dir(cfg, kind: str) -> Path:
+    """The run folder, checked but not touched: nothing is written or deleted before the inputs are checked."""
     out = Path(cfg.output_dir or f"runs/{kind}-{datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output_dir is a file, not a folder")
     holds_run = any((out / name).exists() for name in RUN_FILES)
     if holds_run and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if is_main:
-        if holds_run and cfg.overwrite and not cfg.resume:
-            for name in RUN_FILES:
-                target = out / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def claim_output_dir(cfg, out: Path, is_main: bool) -> None:
+    """Called once data, model and config have passed every check: clear an old run (--overwrite), create."""
+    if not is_main:
+        return
+    if cfg.overwrite and not cfg.resume:
+        for name in RUN_FILES:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
