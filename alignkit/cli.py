@@ -15,7 +15,10 @@ import typing
 from alignkit.config import (
     DemoConfig,
     DPOConfig,
+    ExportConfig,
+    GenerateConfig,
     PrefsConfig,
+    ReportConfig,
     SFTConfig,
     field_type,
     fields_of,
@@ -26,9 +29,11 @@ from alignkit.config import (
 )
 from alignkit.errors import Interrupted, RunError, UserError
 
-COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "prefs": PrefsConfig, "demo": DemoConfig}
+COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "prefs": PrefsConfig, "demo": DemoConfig,
+            "generate": GenerateConfig, "export": ExportConfig, "report": ReportConfig}
 RUNNERS = {"sft": "alignkit.recipes.sft", "dpo": "alignkit.recipes.dpo", "prefs": "alignkit.make_prefs",
-           "demo": "alignkit.demo.pipeline"}
+           "demo": "alignkit.demo.pipeline", "generate": "alignkit.commands.generate",
+           "export": "alignkit.commands.export", "report": "alignkit.commands.report"}
 USAGE_HINT = "run 'alignkit COMMAND --help' for every field"
 
 
@@ -53,6 +58,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
     for name, f in fields_of(config_cls).items():
         kind = field_type(config_cls, name)
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
+        if f.metadata.get("positional"):
+            parser.add_argument(f"{name}_positional", nargs="?", default=argparse.SUPPRESS, metavar=name.upper(),
+                                help=f"same as --{name}")
         extra: dict = {"metavar": name.upper()}
         if kind is bool:
             extra = {"nargs": "?", "const": "true", "metavar": "BOOL"}
@@ -93,13 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "and report.md compares SFT and DPO on held-out prompts (reward, win rate, KL).",
         allow_abbrev=False)
     add_config_flags(demo, DemoConfig)
+    generate = commands.add_parser(
+        "generate", help="sample from a model with its chat template (streams a single prompt)",
+        description="Batched generation with the model's chat template: --prompt TEXT (streamed) or "
+                    "--prompts FILE.",
+        allow_abbrev=False)
+    add_config_flags(generate, GenerateConfig)
+    export = commands.add_parser(
+        "export", help="merge a LoRA adapter into its base and save a standalone model (transformers, vLLM)",
+        description="Export RUN/final as a standalone Hugging Face model: LoRA merged (its logits checked against "
+                    "the adapter model's), safetensors, tokenizer, chat template and generation config.",
+        allow_abbrev=False)
+    add_config_flags(export, ExportConfig)
+    report = commands.add_parser(
+        "report", help="report.md and PNG plots from a run's metrics.jsonl",
+        description="Write RUN_DIR/report.md with plots of loss, lr, grad norm, DPO rewards/margins/accuracies and "
+                    "evaluation curves, read from metrics.jsonl and summary.json.", allow_abbrev=False)
+    add_config_flags(report, ReportConfig)
     return parser
 
 
 def parse_config(config_cls: type, args: argparse.Namespace) -> typing.Any:
     """Defaults, then the YAML file, then the flags; each source's errors name that source."""
     from_file = normalise(config_cls, load_yaml(args.config), args.config) if args.config else {}
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    flags = {k.removesuffix("_positional"): v for k, v in vars(args).items() if k not in ("command", "config")}
     from_flags = normalise(config_cls, flags, "command line")
     config = config_cls(**{**from_file, **from_flags})
     validate(config)

@@ -141,6 +141,36 @@ class DemoConfig:
     overwrite: bool = _opt(False, "allow writing into an output_dir that already holds a demo")
 
 
+@dataclass
+class GenerateConfig:
+    model: str = _opt("smollm2-135m-instruct", "model folder, .gguf, alias, or an alignkit final/ (LoRA merged)")
+    prompt: str | None = _opt(None, "one prompt (streamed to the terminal when n is 1)")
+    prompts: str | None = _opt(None, "a file of rows with a 'prompt' (text or messages)")
+    output: str | None = _opt(None, "write JSON lines {prompt, completion} here instead of printing")
+    n: int = _opt(1, "completions per prompt")
+    max_new_tokens: int = _opt(256, "longest completion, in tokens")
+    temperature: float = _opt(0.7, "sampling temperature (0: greedy)")
+    top_p: float = _opt(1.0, "nucleus sampling threshold")
+    batch_size: int = _opt(16, "prompts per generation batch")
+    seed: int = _opt(0, "sampling seed")
+    trust_remote_code: bool = _opt(False, "allow model code shipped inside the model folder to run")
+
+
+@dataclass
+class ExportConfig:
+    model: str | None = _opt(None, "what to export: a run's final/ (full or LoRA) or a checkpoint's model/",
+                             positional=True)
+    output: str | None = _opt(None, "folder to write: safetensors, tokenizer, chat template, generation config")
+    merge: bool = _opt(True, "merge a LoRA adapter into its base model (checked: the merged logits equal the "
+                             "adapter model's)")
+    dtype: str = _opt("fp32", "weights dtype of the export: fp32 or bf16", choices=["fp32", "bf16"])
+
+
+@dataclass
+class ReportConfig:
+    run: str | None = _opt(None, "a run folder holding metrics.jsonl", positional=True)
+
+
 def fields_of(config_cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(config_cls)}
 

@@ -9,7 +9,16 @@ import sys
 import pytest
 
 from alignkit.cli import main
-from alignkit.config import DemoConfig, DPOConfig, PrefsConfig, SFTConfig, fields_of
+from alignkit.config import (
+    DemoConfig,
+    DPOConfig,
+    ExportConfig,
+    GenerateConfig,
+    PrefsConfig,
+    ReportConfig,
+    SFTConfig,
+    fields_of,
+)
 from tests.conftest import write_jsonl
 
 ROWS = [{"prompt": "Hello", "completion": "hello there"}, {"prompt": "Add 12 and 30.", "completion": "42"}]
@@ -26,7 +35,9 @@ def data(tmp_path):
 
 
 @pytest.mark.parametrize(("command", "config_cls"), [("sft", SFTConfig), ("dpo", DPOConfig),
-                                                     ("prefs", PrefsConfig), ("demo", DemoConfig)])
+                                                     ("prefs", PrefsConfig), ("demo", DemoConfig),
+                                                     ("generate", GenerateConfig), ("export", ExportConfig),
+                                                     ("report", ReportConfig)])
 def test_help_lists_every_field_with_its_default(capsys, command, config_cls):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])
@@ -34,7 +45,8 @@ def test_help_lists_every_field_with_its_default(capsys, command, config_cls):
     text = " ".join(capsys.readouterr().out.split())
     for name in fields_of(config_cls):
         assert f"--{name.replace('_', '-')}" in text, name
-    assert "(default: smollm2-135m-instruct)" in text
+    if command not in ("export", "report"):
+        assert "(default: smollm2-135m-instruct)" in text
     if command in ("sft", "dpo"):
         assert "(default: 1024)" in text
     if command == "dpo":

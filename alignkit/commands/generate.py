@@ -1,0 +1,49 @@
+"""`alignkit generate`: sample completions with the model's chat template; one prompt is streamed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from alignkit.errors import UserError
+from alignkit.generation import generate, render_prompt, stop_ids
+from alignkit.make_prefs import read_prompts, write_jsonl
+from alignkit.models.load import load_model, load_tokenizer, resolve_model
+
+
+def stream_one(model, tokenizer, prompt: str, cfg) -> str:
+    from transformers import TextStreamer
+
+    torch.manual_seed(cfg.seed)
+    inputs = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 else \
+        {"do_sample": False}
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, streamer=streamer,
+                                eos_token_id=stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def run(cfg) -> list[dict]:
+    if (cfg.prompt is None) == (cfg.prompts is None):
+        raise UserError("give one of --prompt TEXT or --prompts FILE")
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    model = load_model(path, trust_remote_code=cfg.trust_remote_code).eval()
+    if cfg.prompt is not None and cfg.n == 1 and cfg.output is None:
+        return [{"prompt": cfg.prompt, "completion": stream_one(model, tokenizer, cfg.prompt, cfg)}]
+    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
+    samples = generate(model, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed)
+    rows = [{"prompt": prompts[s.prompt_index], "completion": s.text} for group in samples for s in group]
+    if cfg.output:
+        write_jsonl(rows, Path(cfg.output))
+    else:
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return rows

@@ -1,0 +1,66 @@
+"""generate, export and report on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from alignkit.api import make_dpo_config, make_sft_config
+from alignkit.cli import main
+from alignkit.recipes import dpo, sft
+from tests.conftest import write_jsonl
+
+ROWS = [{"prompt": "Add 12 and 30.", "completion": "42"}, {"prompt": "Hello", "completion": "hello there"}]
+
+
+def lora_run(tmp_path, model_dir):
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    sft.run(make_sft_config(model=str(model_dir), data=[str(data)], output_dir=str(tmp_path / "run"), lora=True,
+                            max_steps=3, lr=1e-2, dtype="fp32", lora_dropout=0.0, eval_fraction=0.5))
+    return tmp_path / "run"
+
+
+def test_export_merges_lora_with_equal_logits_and_writes_bf16(tmp_path, tiny_model_dir, capsys):
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = lora_run(tmp_path, tiny_model_dir)
+    assert main(["export", str(run / "final"), "--output", str(tmp_path / "merged")]) == 0
+    assert "logits match" in capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    adapter = AutoPeftModelForCausalLM.from_pretrained(run / "final")
+    ids = AutoTokenizer.from_pretrained(tmp_path / "merged")("Hello world", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**ids).logits, adapter(**ids).logits, atol=1e-5)
+    assert (tmp_path / "merged" / "chat_template.jinja").is_file()
+    assert main(["export", str(run / "final"), "--output", str(tmp_path / "half"), "--dtype", "bf16"]) == 0
+    weights = load_file(tmp_path / "half" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    assert main(["export", str(run / "final"), "--output", str(tmp_path / "merged")]) == 2  # never overwrites
+
+
+def test_generate_streams_one_prompt_and_writes_many(tmp_path, tiny_model_dir, capsys):
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hello"}, {"prompt": "Add 12 and 30."}])
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                 "--n", "3", "--max-new-tokens", "5", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and [r["prompt"] for r in rows[:3]] == ["Hello"] * 3
+    assert main(["generate", "--model", str(tiny_model_dir)]) == 2
+
+
+def test_report_draws_the_curves_a_run_logged(tmp_path, tiny_model_dir):
+    run = lora_run(tmp_path, tiny_model_dir)
+    assert main(["report", str(run)]) == 0
+    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "grad_norm.png", "throughput.png"}
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": r["prompt"], "chosen": r["completion"],
+                                                   "rejected": "No."} for r in ROWS])
+    dpo.run(make_dpo_config(model=str(tiny_model_dir), data=[str(prefs)], output_dir=str(tmp_path / "dpo"),
+                            max_steps=2, dtype="fp32"))
+    assert main(["report", str(tmp_path / "dpo")]) == 0
+    made = {p.name for p in (tmp_path / "dpo" / "plots").iterdir()}
+    assert {"rewards.png", "margins.png", "accuracies.png"} <= made
+    assert "![margins](plots/margins.png)" in (tmp_path / "dpo" / "report.md").read_text()
