@@ -13,8 +13,10 @@ import sys
 import typing
 
 from alignkit.config import (
+    ChatConfig,
     DemoConfig,
     DPOConfig,
+    EvalConfig,
     ExportConfig,
     GenerateConfig,
     PrefsConfig,
@@ -30,10 +32,12 @@ from alignkit.config import (
 from alignkit.errors import Interrupted, RunError, UserError
 
 COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "prefs": PrefsConfig, "demo": DemoConfig,
-            "generate": GenerateConfig, "export": ExportConfig, "report": ReportConfig}
+            "generate": GenerateConfig, "export": ExportConfig, "report": ReportConfig, "eval": EvalConfig,
+            "chat": ChatConfig}
 RUNNERS = {"sft": "alignkit.recipes.sft", "dpo": "alignkit.recipes.dpo", "prefs": "alignkit.make_prefs",
            "demo": "alignkit.demo.pipeline", "generate": "alignkit.commands.generate",
-           "export": "alignkit.commands.export", "report": "alignkit.commands.report"}
+           "export": "alignkit.commands.export", "report": "alignkit.commands.report",
+           "eval": "alignkit.commands.evaluate", "chat": "alignkit.commands.chat"}
 USAGE_HINT = "run 'alignkit COMMAND --help' for every field"
 
 
@@ -118,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write RUN_DIR/report.md with plots of loss, lr, grad norm, DPO rewards/margins/accuracies and "
                     "evaluation curves, read from metrics.jsonl and summary.json.", allow_abbrev=False)
     add_config_flags(report, ReportConfig)
+    evaluate = commands.add_parser(
+        "eval", help="loss/perplexity, preference accuracies, or sampled rewards, win rate and KL",
+        description="Evaluate a model: --data SFT rows → mean token loss and perplexity on completion tokens; "
+                    "--data preference rows → implicit-reward and log-prob accuracies and margins; --prompts with "
+                    "--reward → mean reward, win rate against --baseline and sequence KL to the reference.",
+        allow_abbrev=False)
+    add_config_flags(evaluate, EvalConfig)
+    chat = commands.add_parser(
+        "chat", help="an interactive chat in the terminal, with history (/reset, /exit)",
+        description="Chat with a model in the terminal; the conversation so far is sent with each turn. "
+                    "/reset forgets it, /exit (or Ctrl-D) leaves.", allow_abbrev=False)
+    add_config_flags(chat, ChatConfig)
     return parser
 
 

@@ -167,6 +167,33 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    model: str = _opt("smollm2-135m-instruct", "the model to evaluate (folder, .gguf, alias or an alignkit final/)")
+    data: list[str] = _opt([], "SFT rows (→ loss and perplexity) or preference rows (→ reward accuracies)")
+    prompts: str | None = _opt(None, "prompts to sample from and score with --reward")
+    reward: str = _opt("sentiment", "with --prompts: sentiment, module:function or a classifier folder")
+    baseline: str | None = _opt(None, "with --prompts: a second model; reports the win rate against it")
+    ref_model: str | None = _opt(None, "reference for implicit rewards and KL (default: the base under an adapter)")
+    beta: float = _opt(0.1, "β of the implicit reward β(ℓθ − ℓref)")
+    n: int = _opt(2, "samples per prompt")
+    max_new_tokens: int = _opt(64, "longest sample, in tokens")
+    max_length: int = _opt(1024, "longest tokenised row (longer completions are cut from the end)")
+    chat_template: str | None = _opt(None, "chat template override (see alignkit sft --help)")
+    output: str | None = _opt(None, "write the results as JSON here")
+    seed: int = _opt(0, "sampling seed")
+
+
+@dataclass
+class ChatConfig:
+    model: str = _opt("smollm2-135m-instruct", "model folder, .gguf, alias or an alignkit final/")
+    system: str | None = _opt(None, "a system message to start the conversation with")
+    max_new_tokens: int = _opt(256, "longest reply, in tokens")
+    temperature: float = _opt(0.7, "sampling temperature (0: greedy)")
+    top_p: float = _opt(1.0, "nucleus sampling threshold")
+    seed: int = _opt(0, "sampling seed")
+
+
+@dataclass
 class ReportConfig:
     run: str | None = _opt(None, "a run folder holding metrics.jsonl", positional=True)
 

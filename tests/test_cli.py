@@ -10,8 +10,10 @@ import pytest
 
 from alignkit.cli import main
 from alignkit.config import (
+    ChatConfig,
     DemoConfig,
     DPOConfig,
+    EvalConfig,
     ExportConfig,
     GenerateConfig,
     PrefsConfig,
@@ -37,7 +39,8 @@ def data(tmp_path):
 @pytest.mark.parametrize(("command", "config_cls"), [("sft", SFTConfig), ("dpo", DPOConfig),
                                                      ("prefs", PrefsConfig), ("demo", DemoConfig),
                                                      ("generate", GenerateConfig), ("export", ExportConfig),
-                                                     ("report", ReportConfig)])
+                                                     ("report", ReportConfig), ("eval", EvalConfig),
+                                                     ("chat", ChatConfig)])
 def test_help_lists_every_field_with_its_default(capsys, command, config_cls):
     with pytest.raises(SystemExit) as done:
         main([command, "--help"])

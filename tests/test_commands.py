@@ -64,3 +64,50 @@ def test_report_draws_the_curves_a_run_logged(tmp_path, tiny_model_dir):
     made = {p.name for p in (tmp_path / "dpo" / "plots").iterdir()}
     assert {"rewards.png", "margins.png", "accuracies.png"} <= made
     assert "![margins](plots/margins.png)" in (tmp_path / "dpo" / "report.md").read_text()
+
+
+def test_eval_on_sft_rows_matches_the_trainers_eval_loss(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    summary = sft.run(make_sft_config(model=str(tiny_model_dir), data=[str(data)], eval_data=[str(data)],
+                                      output_dir=str(tmp_path / "run"), max_steps=2, dtype="fp32"))
+    assert main(["eval", "--model", str(tmp_path / "run" / "final"), "--data", str(data),
+                 "--output", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())["sft"]
+    assert abs(result["loss"] - summary["eval/loss"]) < 1e-5 and result["tokens"] == summary["eval/tokens"]
+
+
+def test_eval_on_preferences_with_a_known_accuracy(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    sft.run(make_sft_config(model=str(tiny_model_dir), data=[str(data)], output_dir=str(tmp_path / "run"),
+                            max_steps=60, lr=1e-2, batch_size=2, dtype="fp32", lora=True, lora_dropout=0.0,
+                            lora_r=8))
+    trained = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "The sea is blue."} for r in ROWS]
+    swapped = [{"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]} for r in trained]
+    model = str(tmp_path / "run" / "final")
+    for rows, expected in ((trained, 1.0), (swapped, 0.0)):
+        prefs = write_jsonl(tmp_path / "prefs.jsonl", rows)
+        assert main(["eval", "--model", model, "--data", str(prefs), "--output", str(tmp_path / "e.json")]) == 0
+        result = json.loads((tmp_path / "e.json").read_text())["preferences"]
+        assert result["logp_accuracy"] == expected and result["reward_accuracy"] == expected
+
+    (tmp_path / "length_reward.py").write_text("def score(prompt, completion):\n    return len(completion)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in ROWS])
+    assert main(["eval", "--model", model, "--prompts", str(tmp_path / "prompts.jsonl"), "--reward",
+                 "length_reward:score", "--baseline", model, "--max-new-tokens", "8",
+                 "--output", str(tmp_path / "s.json")]) == 0
+    sampled = json.loads((tmp_path / "s.json").read_text())["sampled"]
+    assert sampled["win_rate"] == 0.5 and sampled["mean_reward"] == sampled["baseline_mean_reward"]
+    assert sampled["kl_to_reference"] > 0  # the adapter's samples are likelier under it than under the base
+
+
+def test_chat_keeps_the_history_and_resets(tiny_model_dir, monkeypatch, capsys):
+    from alignkit.commands import chat
+    from alignkit.config import ChatConfig
+
+    lines = iter(["Hello", "/reset", "Add 12 and 30.", "And 1 more?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    history = chat.run(ChatConfig(model=str(tiny_model_dir), max_new_tokens=4, system="Be brief."))
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in history if m["role"] == "user"] == ["Add 12 and 30.", "And 1 more?"]
+    assert "model> " in capsys.readouterr().out

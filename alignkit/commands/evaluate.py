@@ -1,0 +1,146 @@
+"""`alignkit eval`: the numbers a run is judged by, for SFT data, preference data or sampled prompts.
+
+- SFT rows: mean token NLL over completion tokens (`loss`) and `perplexity` = exp(loss).
+- Preference rows: `reward_accuracy` = fraction of pairs with β(ℓθ−ℓref)(chosen) > (rejected), `logp_accuracy` =
+  fraction with ℓθ(chosen) > ℓθ(rejected) (no reference), `reward_margin` and `logp_margin` their mean gaps.
+- Prompts + reward: `mean_reward` over n samples per prompt, `win_rate` against --baseline (ties ½),
+  `kl_to_reference` = mean Σ_t log π − log π_ref over the model's own samples (see alignkit/eval/kl.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from alignkit.data.packing import single
+from alignkit.data.prefs import tokenize_preferences
+from alignkit.data.sft_dataset import load_sft_rows
+from alignkit.data.sources import read_rows
+from alignkit.data.templates import resolve_template
+from alignkit.errors import UserError
+from alignkit.eval.kl import completion_logps, sequence_kl
+from alignkit.generation import generate
+from alignkit.make_prefs import read_prompts
+from alignkit.models.load import load_model, load_tokenizer, resolve_model
+from alignkit.rewards import load_reward
+from alignkit.training.forward import pair_logps, unit_sequence_logps
+
+
+def load_for_eval(spec: str):
+    """The model (an adapter stays unmerged, so its base can serve as reference) and its tokenizer."""
+    path = resolve_model(spec)
+    tokenizer = load_tokenizer(path)
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
+    return load_model(path).eval(), tokenizer
+
+
+def reference_of(model, ref_spec: str | None):
+    """A context manager giving the reference model: --ref-model, else the base under the adapter, else none."""
+    if ref_spec is not None:
+        ref = load_model(resolve_model(ref_spec)).eval()
+        return contextlib.nullcontext(ref)
+    if hasattr(model, "disable_adapter"):
+        @contextlib.contextmanager
+        def base():
+            with model.disable_adapter():
+                yield model
+        return base()
+    return None
+
+
+@torch.no_grad()
+def eval_sft(model, tokenizer, template: str, cfg) -> dict:
+    rows, _, _ = load_sft_rows(cfg.data, "auto", tokenizer, template, cfg.max_length, use_cache=False,
+                               on_bad_row="skip")
+    nll, tokens = 0.0, 0.0
+    for row in rows:
+        sums, counts = unit_sequence_logps(model, single(row), 1)
+        nll -= sums.item()
+        tokens += counts.item()
+    loss = nll / max(tokens, 1)
+    return {"rows": len(rows), "tokens": int(tokens), "loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+@torch.no_grad()
+def eval_preferences(model, tokenizer, template: str, cfg) -> dict:
+    pairs, _ = tokenize_preferences(tokenizer, template, read_rows(cfg.data), cfg.max_length, "skip")
+    if not pairs:
+        raise UserError("no preference pairs to evaluate")
+    pad = tokenizer.pad_token_id
+    chosen, rejected = [], []
+    for pair in pairs:
+        c, r = pair_logps(model, [pair], "prefix_shared", pad, "cpu")[:2]
+        chosen.append(c.item())
+        rejected.append(r.item())
+    result = {"pairs": len(pairs),
+              "logp_accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
+              "logp_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)}
+    reference = reference_of(model, cfg.ref_model)
+    if reference is not None:
+        with reference as ref:
+            ref_pairs = [pair_logps(ref, [p], "prefix_shared", pad, "cpu")[:2] for p in pairs]
+        rewards = [(cfg.beta * (c - rc.item()), cfg.beta * (r - rr.item()))
+                   for c, r, (rc, rr) in zip(chosen, rejected, ref_pairs, strict=True)]
+        result["reward_accuracy"] = sum(a > b for a, b in rewards) / len(pairs)
+        result["reward_margin"] = sum(a - b for a, b in rewards) / len(pairs)
+    return result
+
+
+def eval_prompts(model, tokenizer, cfg) -> dict:
+    prompts = read_prompts(cfg.prompts)
+    reward = load_reward(cfg.reward)
+
+    def scored(m, tok):
+        samples = generate(m, tok, prompts, n=cfg.n, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                           desc="sampling")
+        texts = [[s.text for s in group] for group in samples]
+        values = [reward([p] * len(t), t) for p, t in zip(prompts, texts, strict=True)]
+        return samples, values
+
+    samples, values = scored(model, tokenizer)
+    flat = [v for group in values for v in group]
+    result = {"prompts": len(prompts), "samples": len(flat), "mean_reward": sum(flat) / len(flat)}
+    reference = reference_of(model, cfg.ref_model)
+    if reference is not None:
+        own = [s for group in samples for s in group]
+        policy = completion_logps(model, own, tokenizer.pad_token_id)
+        with reference as ref:
+            result["kl_to_reference"] = sequence_kl(policy, completion_logps(ref, own, tokenizer.pad_token_id))
+    if cfg.baseline:
+        base_model, base_tokenizer = load_for_eval(cfg.baseline)
+        _, base_values = scored(base_model, base_tokenizer)
+        outcomes = [1.0 if a > b else 0.5 if a == b else 0.0
+                    for ga, gb in zip(values, base_values, strict=True) for a, b in zip(ga, gb, strict=True)]
+        result["win_rate"] = sum(outcomes) / len(outcomes)
+        result["baseline_mean_reward"] = sum(v for g in base_values for v in g) / len(outcomes)
+    return result
+
+
+def run(cfg) -> dict:
+    if not cfg.data and not cfg.prompts:
+        raise UserError("give --data (SFT or preference rows) or --prompts with --reward")
+    model, tokenizer = load_for_eval(cfg.model)
+    template = resolve_template(tokenizer, cfg.chat_template)
+    results: dict = {"model": cfg.model}
+    if cfg.data:
+        first = read_rows(cfg.data[:1])[0].fields
+        is_prefs = "chosen" in first and "rejected" in first
+        results["preferences" if is_prefs else "sft"] = (eval_preferences if is_prefs else eval_sft)(
+            model, tokenizer, template, cfg)
+    if cfg.prompts:
+        results["sampled"] = eval_prompts(model, tokenizer, cfg)
+    for section, values in results.items():
+        if isinstance(values, dict):
+            print(f"{section}:")
+            for key, value in values.items():
+                print(f"  {key:<22}{value:.4f}" if isinstance(value, float) else f"  {key:<22}{value}")
+    if cfg.output:
+        Path(cfg.output).write_text(json.dumps(results, indent=1))
+    return results
