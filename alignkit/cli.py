@@ -50,10 +50,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _field_help(f: dataclasses.Field) -> str:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if "(default:" in f.metadata["help"]:
-        return f.metadata["help"]
+    text = f.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
+    if "(default:" in text:
+        return text
     shown = "none" if default is None or default == [] else default
-    return f"{f.metadata['help']} (default: {shown})"
+    return f"{text} (default: {shown})"
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:

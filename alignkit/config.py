@@ -173,6 +173,8 @@ class EvalConfig:
     prompts: str | None = _opt(None, "prompts to sample from and score with --reward")
     reward: str = _opt("sentiment", "with --prompts: sentiment, module:function or a classifier folder")
     baseline: str | None = _opt(None, "with --prompts: a second model; reports the win rate against it")
+    judge: str | None = _opt(None, "with --prompts and --baseline: a local model that compares the two answers "
+                                   "(both orders) and gives win/tie/loss with a 95% interval")
     ref_model: str | None = _opt(None, "reference for implicit rewards and KL (default: the base under an adapter)")
     beta: float = _opt(0.1, "β of the implicit reward β(ℓθ − ℓref)")
     n: int = _opt(2, "samples per prompt")

@@ -111,3 +111,31 @@ def test_chat_keeps_the_history_and_resets(tiny_model_dir, monkeypatch, capsys):
     assert [m["role"] for m in history] == ["system", "user", "assistant", "user", "assistant"]
     assert [m["content"] for m in history if m["role"] == "user"] == ["Add 12 and 30.", "And 1 more?"]
     assert "model> " in capsys.readouterr().out
+
+
+def test_judge_in_both_orders_and_its_interval(tiny_model_dir, tmp_path, monkeypatch):
+    from alignkit.eval.judge import judge, model_preference, summarize
+
+    def knows_the_answer(text: str) -> float:  # prefers whichever response says 42
+        a, b = text.split("Response A: ")[1].split("\n\nResponse B: ")
+        return float(("42" in a) - ("42" in b.split("\n\n")[0]))
+
+    outcomes = judge(knows_the_answer, ["Add 12 and 30."] * 3, ["42", "41", "42"], ["41", "42", "42"])
+    assert outcomes == ["win", "loss", "tie"]
+    always_a = judge(lambda text: 1.0, ["q"], ["x"], ["y"])  # a judge that always says A: position bias only
+    assert always_a == ["tie"]
+    summary = summarize(["win", "win", "tie", "loss"])
+    assert summary["win"] == 0.5 and summary["tie"] == 0.25 and summary["score"] == 0.625
+    assert summary["ci95"][0] < 0.625 < summary["ci95"][1]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prefer = model_preference(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                              AutoTokenizer.from_pretrained(tiny_model_dir))
+    assert judge(prefer, ["Hello"], ["same answer"], ["same answer"]) == ["tie"]  # identical answers never win
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hello"}, {"prompt": "Add 12 and 30."}])
+    assert main(["eval", "--model", str(tiny_model_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                 "--reward", "sentiment", "--baseline", str(tiny_model_dir), "--judge", str(tiny_model_dir),
+                 "--max-new-tokens", "6", "--n", "1", "--output", str(tmp_path / "j.json")]) == 0
+    verdict = json.loads((tmp_path / "j.json").read_text())["sampled"]["judge"]
+    assert verdict["n"] == 2 and verdict["tie"] == 1.0  # same model, same seed: the same answers

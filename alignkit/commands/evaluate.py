@@ -22,6 +22,7 @@ from alignkit.data.sft_dataset import load_sft_rows
 from alignkit.data.sources import read_rows
 from alignkit.data.templates import resolve_template
 from alignkit.errors import UserError
+from alignkit.eval.judge import judge, model_preference, summarize
 from alignkit.eval.kl import completion_logps, sequence_kl
 from alignkit.generation import generate
 from alignkit.make_prefs import read_prompts
@@ -115,7 +116,13 @@ def eval_prompts(model, tokenizer, cfg) -> dict:
             result["kl_to_reference"] = sequence_kl(policy, completion_logps(ref, own, tokenizer.pad_token_id))
     if cfg.baseline:
         base_model, base_tokenizer = load_for_eval(cfg.baseline)
-        _, base_values = scored(base_model, base_tokenizer)
+        base_samples, base_values = scored(base_model, base_tokenizer)
+        if cfg.judge:
+            judge_model, judge_tokenizer = load_for_eval(cfg.judge)
+            questions = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+            outcomes = judge(model_preference(judge_model, judge_tokenizer), questions,
+                             [g[0].text for g in samples], [g[0].text for g in base_samples])
+            result["judge"] = summarize(outcomes)
         outcomes = [1.0 if a > b else 0.5 if a == b else 0.0
                     for ga, gb in zip(values, base_values, strict=True) for a, b in zip(ga, gb, strict=True)]
         result["win_rate"] = sum(outcomes) / len(outcomes)
@@ -134,6 +141,8 @@ def run(cfg) -> dict:
         is_prefs = "chosen" in first and "rejected" in first
         results["preferences" if is_prefs else "sft"] = (eval_preferences if is_prefs else eval_sft)(
             model, tokenizer, template, cfg)
+    if cfg.judge and not (cfg.prompts and cfg.baseline):
+        raise UserError("--judge compares against --baseline on --prompts: give all three")
     if cfg.prompts:
         results["sampled"] = eval_prompts(model, tokenizer, cfg)
     for section, values in results.items():
