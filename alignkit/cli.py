@@ -31,13 +31,54 @@ from alignkit.config import (
 )
 from alignkit.errors import Interrupted, RunError, UserError
 
-COMMANDS = {"sft": SFTConfig, "dpo": DPOConfig, "prefs": PrefsConfig, "demo": DemoConfig,
-            "generate": GenerateConfig, "export": ExportConfig, "report": ReportConfig, "eval": EvalConfig,
-            "chat": ChatConfig}
-RUNNERS = {"sft": "alignkit.recipes.sft", "dpo": "alignkit.recipes.dpo", "prefs": "alignkit.make_prefs",
-           "demo": "alignkit.demo.pipeline", "generate": "alignkit.commands.generate",
-           "export": "alignkit.commands.export", "report": "alignkit.commands.report",
-           "eval": "alignkit.commands.evaluate", "chat": "alignkit.commands.chat"}
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    config: type
+    runner: str  # the module whose run(config) does the work
+    help: str
+    description: str
+
+
+OUTPUTS = "Outputs: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/."
+COMMANDS = {
+    "sft": Command(SFTConfig, "alignkit.recipes.sft",
+                   "supervised fine-tuning on prompt/completion, chat, alpaca, sharegpt or text rows",
+                   f"Supervised fine-tuning: cross-entropy on completion / assistant tokens only. {OUTPUTS}"),
+    "dpo": Command(DPOConfig, "alignkit.recipes.dpo",
+                   "direct preference optimisation on (prompt, chosen, rejected) pairs",
+                   f"DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. {OUTPUTS}"),
+    "prefs": Command(PrefsConfig, "alignkit.make_prefs",
+                     "sample completions, score them with a reward and write preference pairs",
+                     "Preference data as in the DPO paper: n samples per prompt from --model, scored by --reward, "
+                     "best vs worst (or all pairs above a margin) written as JSONL for alignkit dpo."),
+    "demo": Command(DemoConfig, "alignkit.demo.pipeline",
+                    "the whole pipeline on the embedded model: SFT → preference data → DPO → evaluation → report",
+                    "The DPO paper's controlled-sentiment experiment scaled to a CPU: SFT teaches a review format, "
+                    "the SFT model's samples scored by VADER become preference pairs, DPO (LoRA) trains on them, "
+                    "and report.md compares SFT and DPO on held-out prompts (reward, win rate, KL)."),
+    "generate": Command(GenerateConfig, "alignkit.commands.generate",
+                        "sample from a model with its chat template (streams a single prompt)",
+                        "Batched generation with the model's chat template: --prompt TEXT (streamed) or "
+                        "--prompts FILE."),
+    "chat": Command(ChatConfig, "alignkit.commands.chat",
+                    "an interactive chat in the terminal, with history (/reset, /exit)",
+                    "Chat with a model in the terminal; the conversation so far is sent with each turn. "
+                    "/reset forgets it, /exit (or Ctrl-D) leaves."),
+    "eval": Command(EvalConfig, "alignkit.commands.evaluate",
+                    "loss/perplexity, preference accuracies, or sampled rewards, win rate and KL",
+                    "Evaluate a model: --data SFT rows → mean token loss and perplexity on completion tokens; "
+                    "--data preference rows → implicit-reward and log-prob accuracies and margins; --prompts with "
+                    "--reward → mean reward, win rate against --baseline (and --judge) and KL to the reference."),
+    "export": Command(ExportConfig, "alignkit.commands.export",
+                      "merge a LoRA adapter into its base and save a standalone model (transformers, vLLM)",
+                      "Export RUN/final as a standalone Hugging Face model: LoRA merged (its logits checked "
+                      "against the adapter model's), safetensors, tokenizer, chat template and generation config."),
+    "report": Command(ReportConfig, "alignkit.commands.report",
+                      "report.md and PNG plots from a run's metrics.jsonl",
+                      "Write RUN_DIR/report.md with plots of loss, lr, grad norm, DPO rewards/margins/accuracies "
+                      "and evaluation curves, read from metrics.jsonl and summary.json."),
+}
 USAGE_HINT = "run 'alignkit COMMAND --help' for every field"
 
 
@@ -81,60 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Fine-tune language models: SFT and DPO, preference data, and the demo pipeline.")
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sft = commands.add_parser(
-        "sft", help="supervised fine-tuning on prompt/completion, chat, alpaca, sharegpt or text rows",
-        description="Supervised fine-tuning: cross-entropy on completion / assistant tokens only. "
-                    "Outputs: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/.",
-        allow_abbrev=False)
-    add_config_flags(sft, SFTConfig)
-    dpo = commands.add_parser(
-        "dpo", help="direct preference optimisation on (prompt, chosen, rejected) pairs",
-        description="DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. "
-                    "Outputs: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/.",
-        allow_abbrev=False)
-    add_config_flags(dpo, DPOConfig)
-    prefs = commands.add_parser(
-        "prefs", help="sample completions, score them with a reward and write preference pairs",
-        description="Preference data as in the DPO paper: n samples per prompt from --model, scored by --reward, "
-                    "best vs worst (or all pairs above a margin) written as JSONL for alignkit dpo.",
-        allow_abbrev=False)
-    add_config_flags(prefs, PrefsConfig)
-    demo = commands.add_parser(
-        "demo", help="the whole pipeline on the embedded model: SFT → preference data → DPO → evaluation → report",
-        description="The DPO paper's controlled-sentiment experiment scaled to a CPU: SFT teaches a review format, "
-                    "the SFT model's samples scored by VADER become preference pairs, DPO (LoRA) trains on them, "
-                    "and report.md compares SFT and DPO on held-out prompts (reward, win rate, KL).",
-        allow_abbrev=False)
-    add_config_flags(demo, DemoConfig)
-    generate = commands.add_parser(
-        "generate", help="sample from a model with its chat template (streams a single prompt)",
-        description="Batched generation with the model's chat template: --prompt TEXT (streamed) or "
-                    "--prompts FILE.",
-        allow_abbrev=False)
-    add_config_flags(generate, GenerateConfig)
-    export = commands.add_parser(
-        "export", help="merge a LoRA adapter into its base and save a standalone model (transformers, vLLM)",
-        description="Export RUN/final as a standalone Hugging Face model: LoRA merged (its logits checked against "
-                    "the adapter model's), safetensors, tokenizer, chat template and generation config.",
-        allow_abbrev=False)
-    add_config_flags(export, ExportConfig)
-    report = commands.add_parser(
-        "report", help="report.md and PNG plots from a run's metrics.jsonl",
-        description="Write RUN_DIR/report.md with plots of loss, lr, grad norm, DPO rewards/margins/accuracies and "
-                    "evaluation curves, read from metrics.jsonl and summary.json.", allow_abbrev=False)
-    add_config_flags(report, ReportConfig)
-    evaluate = commands.add_parser(
-        "eval", help="loss/perplexity, preference accuracies, or sampled rewards, win rate and KL",
-        description="Evaluate a model: --data SFT rows → mean token loss and perplexity on completion tokens; "
-                    "--data preference rows → implicit-reward and log-prob accuracies and margins; --prompts with "
-                    "--reward → mean reward, win rate against --baseline and sequence KL to the reference.",
-        allow_abbrev=False)
-    add_config_flags(evaluate, EvalConfig)
-    chat = commands.add_parser(
-        "chat", help="an interactive chat in the terminal, with history (/reset, /exit)",
-        description="Chat with a model in the terminal; the conversation so far is sent with each turn. "
-                    "/reset forgets it, /exit (or Ctrl-D) leaves.", allow_abbrev=False)
-    add_config_flags(chat, ChatConfig)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.description, allow_abbrev=False)
+        add_config_flags(sub, command.config)
     return parser
 
 
@@ -185,12 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        config_cls = COMMANDS[args.command]
+        command = COMMANDS[args.command]
         if unknown:
-            _reject_unknown(unknown, config_cls)
-        config = parse_config(config_cls, args)
-        runner = importlib.import_module(RUNNERS[args.command])
-        runner.run(config)
+            _reject_unknown(unknown, command.config)
+        importlib.import_module(command.runner).run(parse_config(command.config, args))
         return 0
     except UserError as err:
         print(f"alignkit: error: {one_line(err)}", file=sys.stderr)
