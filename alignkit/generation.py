@@ -31,6 +31,26 @@ def stop_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def sampling(temperature: float, top_p: float) -> dict:
+    """generate() keyword arguments: sampling at `temperature`, or greedy decoding when it is 0."""
+    if temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False}
+
+
+@torch.no_grad()
+def stream(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float) -> str:
+    """One reply to a conversation, printed token by token as it is generated; returns its text."""
+    from transformers import TextStreamer
+
+    inputs = tokenizer(render_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(model, tokenizer),
+                            pad_token_id=tokenizer.pad_token_id,
+                            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+                            **sampling(temperature, top_p))
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
              top_p: float = 1.0, batch_size: int = 16, seed: int = 0, autocast: bool = False,
@@ -48,12 +68,10 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-                {"do_sample": False}
             with precision:
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=n,
                                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_k=0,
-                                        **sampling)
+                                        **sampling(temperature, top_p))
             width = inputs["input_ids"].shape[1]
             for row, sequence in enumerate(output):
                 prompt_row = row // n

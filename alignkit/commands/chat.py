@@ -6,23 +6,8 @@ import sys
 
 import torch
 
-from alignkit.generation import stop_ids
+from alignkit.generation import stream
 from alignkit.models.load import load_model, load_tokenizer, resolve_model
-
-
-def reply(model, tokenizer, messages: list[dict], cfg) -> str:
-    from transformers import TextStreamer
-
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 else \
-        {"do_sample": False}
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, eos_token_id=stop_ids(model, tokenizer),
-                                pad_token_id=tokenizer.pad_token_id,
-                                streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                                **sampling)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def run(cfg) -> list[dict]:
@@ -48,4 +33,5 @@ def run(cfg) -> list[dict]:
             continue
         messages.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
-        messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, cfg)})
+        answer = stream(model, tokenizer, messages, cfg.max_new_tokens, cfg.temperature, cfg.top_p)
+        messages.append({"role": "assistant", "content": answer})

@@ -9,24 +9,9 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
-from alignkit.generation import generate, render_prompt, stop_ids
+from alignkit.generation import generate, stream
 from alignkit.make_prefs import read_prompts, write_jsonl
 from alignkit.models.load import load_model, load_tokenizer, resolve_model
-
-
-def stream_one(model, tokenizer, prompt: str, cfg) -> str:
-    from transformers import TextStreamer
-
-    torch.manual_seed(cfg.seed)
-    inputs = tokenizer(render_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 else \
-        {"do_sample": False}
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, streamer=streamer,
-                                eos_token_id=stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                **sampling)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def run(cfg) -> list[dict]:
@@ -36,7 +21,10 @@ def run(cfg) -> list[dict]:
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
     model = load_model(path, trust_remote_code=cfg.trust_remote_code).eval()
     if cfg.prompt is not None and cfg.n == 1 and cfg.output is None:
-        return [{"prompt": cfg.prompt, "completion": stream_one(model, tokenizer, cfg.prompt, cfg)}]
+        torch.manual_seed(cfg.seed)
+        completion = stream(model, tokenizer, [{"role": "user", "content": cfg.prompt}], cfg.max_new_tokens,
+                            cfg.temperature, cfg.top_p)
+        return [{"prompt": cfg.prompt, "completion": completion}]
     prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
     samples = generate(model, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed)

@@ -28,13 +28,12 @@ from transformers.utils import logging as hf_logging
 from alignkit.config import REFERENCE_FREE, DPOConfig, save_yaml
 from alignkit.data.batches import micro_batches
 from alignkit.data.prefs import PreferenceRow, tokenize_preferences
-from alignkit.data.sources import file_fingerprint, read_rows, require
-from alignkit.data.templates import resolve_template
+from alignkit.data.sources import file_fingerprint, read_rows
 from alignkit.errors import UserError
 from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
-from alignkit.models.load import build_policy, load_model, load_tokenizer, resolve_model
+from alignkit.models.load import build_policy, load_model, resolve_model
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -44,6 +43,7 @@ from alignkit.training.run import (
     check_output_dir,
     claim_output_dir,
     interrupt,
+    load_inputs,
     make_accelerator,
     save_final,
     split_eval,
@@ -265,13 +265,7 @@ def train(cfg: DPOConfig):
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     set_seed(cfg.seed)
 
-    for path in cfg.data + cfg.eval_data:
-        require(Path(path))
-    model_path = resolve_model(cfg.model)
-    hf_logging.disable_progress_bar()
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    template = resolve_template(tokenizer, cfg.chat_template)
-    tokenizer.chat_template = template
+    model_path, tokenizer, template = load_inputs(cfg)
     train_pairs, stats = load_pairs(cfg.data, tokenizer, template, cfg.max_length, cfg.on_bad_row)
     if cfg.eval_data:
         eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row)

@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -22,13 +21,11 @@ from alignkit.config import SFTConfig, save_yaml
 from alignkit.data.batches import micro_batches
 from alignkit.data.packing import sft_units
 from alignkit.data.sft_dataset import load_sft_rows
-from alignkit.data.sources import require
-from alignkit.data.templates import resolve_template
 from alignkit.data.tokenize import IGNORE, TokenizedRow
 from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
-from alignkit.models.load import build_policy, load_tokenizer, resolve_model
+from alignkit.models.load import build_policy
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -38,6 +35,7 @@ from alignkit.training.run import (
     check_output_dir,
     claim_output_dir,
     interrupt,
+    load_inputs,
     make_accelerator,
     save_final,
     split_eval,
@@ -156,13 +154,7 @@ def train(cfg: SFTConfig):
         log(f"no checkpoint in {out / 'checkpoints'}: starting from the beginning")
     set_seed(cfg.seed)
 
-    for path in cfg.data + cfg.eval_data:
-        require(Path(path))  # before a model download, not after
-    model_path = resolve_model(cfg.model)
-    hf_logging.disable_progress_bar()  # our bar is the one to watch; weight loading and saving stay quiet
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    template = resolve_template(tokenizer, cfg.chat_template)
-    tokenizer.chat_template = template  # final/ carries the template the model was trained with
+    model_path, tokenizer, template = load_inputs(cfg)
     train_rows, eval_rows, stats = load_data(cfg, tokenizer, template)
     model = build_policy(cfg, model_path, checkpoint)
     claim_output_dir(cfg, out, is_main)

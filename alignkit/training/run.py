@@ -39,6 +39,26 @@ def make_accelerator(dtype: str) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision(dtype), cpu=not torch.cuda.is_available())
 
 
+def load_inputs(cfg):
+    """(model folder, tokenizer, chat template) for a training run, data paths checked first.
+
+    The data paths are checked before the model is resolved, so a typo never waits for a model download. The
+    tokenizer keeps the template it is trained with, so final/ carries it."""
+    from transformers.utils import logging as hf_logging
+
+    from alignkit.data.sources import require
+    from alignkit.data.templates import resolve_template
+    from alignkit.models.load import load_tokenizer, resolve_model
+
+    for path in cfg.data + cfg.eval_data:
+        require(Path(path))
+    model_path = resolve_model(cfg.model)
+    hf_logging.disable_progress_bar()  # our bar is the one to watch; weight loading and saving stay quiet
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    tokenizer.chat_template = resolve_template(tokenizer, cfg.chat_template)
+    return model_path, tokenizer, tokenizer.chat_template
+
+
 def check_output_dir(cfg, kind: str) -> Path:
     """The run folder, checked but not touched: nothing is written or deleted before the inputs are checked."""
     out = Path(cfg.output_dir or f"runs/{kind}-{datetime.now():%Y%m%d-%H%M%S}")
