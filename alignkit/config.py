@@ -32,8 +32,10 @@ class TrainConfig:
     # What to train
     model: str = _opt("smollm2-135m-instruct",
                       "local Hugging Face folder, a .gguf file, or the alias smollm2-135m-instruct")
-    data: list[str] = _opt([], "training data: one or more .jsonl/.json/.parquet/.csv files "
-                               "or datasets folders (save_to_disk)")
+    data: list[str | dict] = _opt([], "training data: .jsonl/.json/.parquet/.csv files or datasets folders; a "
+                                      "source may take an amount, PATH@count=N, @fraction=F or @weight=W "
+                                      "(see docs/data-mixtures.md)", sources=True)
+    mix_total: int = _opt(0, "rows shared by the data sources given a weight, in proportion to their weights")
     chat_template: str | None = _opt(None, "chat template: a .jinja file or chatml, llama3, plain "
                                            "(default: the tokenizer's own, else chatml)")
     eval_data: list[str] = _opt([], "evaluation data files (same formats as data)")
@@ -92,8 +94,10 @@ REFERENCE_FREE = {"simpo", "sft"}
 
 @dataclass
 class DPOConfig(TrainConfig):
-    data: list[str] = _opt([], "preference data: rows with prompt, chosen, rejected (strings or message lists), "
-                               "or chosen/rejected conversations sharing their prompt")
+    data: list[str | dict] = _opt([], "preference data: rows with prompt, chosen, rejected (strings or message "
+                                      "lists), or chosen/rejected conversations sharing their prompt; sources "
+                                      "may take an amount as for sft (PATH@count=N, @fraction=F, @weight=W)",
+                                  sources=True)
     lr: float = _opt(1e-6, "peak learning rate (AdamW); the DPO paper's 1e-6 suits full fine-tuning, "
                            "LoRA usually wants 1e-5 to 5e-4")
     beta: float = _opt(0.1, "β: strength of the KL constraint to the reference (the DPO paper's default)")
@@ -231,6 +235,10 @@ def coerce(config_cls: type, name: str, value: Any, where: str) -> Any:
     """Turn a YAML or flag value into the field's type, or explain in one line why it cannot be."""
     kind = field_type(config_cls, name)
     default = fields_of(config_cls)[name].default
+    if fields_of(config_cls)[name].metadata.get("sources"):
+        from alignkit.data.mixture import normalise_entries
+
+        return normalise_entries(value, where, name)
     if value is None and default is None:
         return None
     bad = UserError(f"{where}: '{name}' must be {_type_words(kind)}, got {value!r}")
@@ -340,7 +348,7 @@ def validate(config: Any) -> None:
     for name in positive:
         if hasattr(config, name) and getattr(config, name) <= 0:
             raise UserError(f"'{name}' must be > 0, got {getattr(config, name)}")
-    non_negative = ["epochs", "max_steps", "eval_steps", "save_steps", "save_total_limit", "weight_decay",
+    non_negative = ["mix_total", "epochs", "max_steps", "eval_steps", "save_steps", "save_total_limit", "weight_decay",
                     "max_grad_norm", "warmup_ratio"]
     for name in non_negative:
         if hasattr(config, name) and getattr(config, name) < 0:

@@ -37,6 +37,20 @@ class TokenizeStats:
     skipped_rows: list[str] = field(default_factory=list)  # "origin: what is wrong", the first few
 
 
+def trained_label_count(rows: list[TokenizedRow]) -> int:
+    """Tokens that enter the loss: labels after the shift (position t predicts token t+1)."""
+    return sum(sum(1 for label in r.labels[1:] if label != IGNORE) for r in rows)
+
+
+def merge_stats(parts: list[TokenizeStats]) -> TokenizeStats:
+    """The statistics of several sources tokenised apart, as if they were one."""
+    merged = TokenizeStats()
+    for part in parts:
+        for name, value in vars(part).items():
+            setattr(merged, name, getattr(merged, name) + value)
+    return merged
+
+
 def render(tokenizer, template: str, messages: list[Message], add_generation_prompt: bool = False) -> str:
     conversation = [{"role": m.role, "content": m.content} for m in messages]
     try:

@@ -27,8 +27,10 @@ from transformers.utils import logging as hf_logging
 
 from alignkit.config import REFERENCE_FREE, DPOConfig, save_yaml
 from alignkit.data.batches import micro_batches
+from alignkit.data.mixture import load_mixture
 from alignkit.data.prefs import PreferenceRow, tokenize_preferences
 from alignkit.data.sources import file_fingerprint, read_rows
+from alignkit.data.tokenize import trained_label_count
 from alignkit.errors import UserError
 from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
@@ -83,6 +85,24 @@ def load_pairs(paths: list[str], tokenizer, template: str, max_length: int, on_b
             f"(e.g. {', '.join(stats.dropped_origins[:3])})")
     return pairs, {"pairs": stats.pairs, "identical": stats.identical, "truncated": stats.truncated,
                    "dropped": stats.dropped, "skipped": stats.skipped, "skipped_examples": stats.skipped_rows}
+
+
+def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[list[PreferenceRow], dict, list[dict]]:
+    """Pairs drawn from the data sources (see `alignkit.data.mixture`), merged statistics, a row per source."""
+    pairs, source_stats, sources = load_mixture(
+        cfg.data, cfg.mix_total, cfg.seed,
+        lambda path: load_pairs([path], tokenizer, template, cfg.max_length, cfg.on_bad_row), pair_tokens)
+    stats = {name: sum((part[name] for part in source_stats), [] if isinstance(value, list) else 0)
+             for name, value in source_stats[0].items()}
+    if len(sources) > 1 or sources[0]["used"] != sources[0]["available"]:
+        log("data mixture: " + "; ".join(f"{s['path']} {s['used']}/{s['available']} pairs ({s['amount']})"
+                                         for s in sources))
+    return pairs, stats, sources
+
+
+def pair_tokens(pairs: list[PreferenceRow]) -> int:
+    """Trained (scored) tokens of both answers."""
+    return trained_label_count([row for p in pairs for row in (p.chosen, p.rejected)])
 
 
 def dpo_layout(cfg: DPOConfig) -> str:
@@ -266,7 +286,7 @@ def train(cfg: DPOConfig):
     set_seed(cfg.seed)
 
     model_path, tokenizer, template = load_inputs(cfg)
-    train_pairs, stats = load_pairs(cfg.data, tokenizer, template, cfg.max_length, cfg.on_bad_row)
+    train_pairs, stats, sources = load_training_pairs(cfg, tokenizer, template)
     if cfg.eval_data:
         eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row)
     else:
@@ -364,6 +384,7 @@ def train(cfg: DPOConfig):
         "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1),
         "rows": {"used": len(train_pairs), "eval": len(eval_pairs),
                  **{k: v for k, v in stats.items() if k != "pairs"}},
+        "sources": sources,
         "reference": reference.kind,
         "skipped_steps": guard.skipped,
         "train_seconds": round(time.time() - train_start, 2),

@@ -19,9 +19,10 @@ from transformers.utils import logging as hf_logging
 
 from alignkit.config import SFTConfig, save_yaml
 from alignkit.data.batches import micro_batches
+from alignkit.data.mixture import load_mixture
 from alignkit.data.packing import sft_units
 from alignkit.data.sft_dataset import load_sft_rows
-from alignkit.data.tokenize import IGNORE, TokenizedRow
+from alignkit.data.tokenize import TokenizedRow, merge_stats, trained_label_count
 from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
@@ -46,10 +47,16 @@ from alignkit.training.run import (
 # ---------------------------------------------------------------- set-up
 
 def load_data(cfg: SFTConfig, tokenizer, template: str):
-    train, stats, cached = load_sft_rows(cfg.data, cfg.data_format, tokenizer, template, cfg.max_length,
-                                         on_bad_row=cfg.on_bad_row)
-    if cached:
-        log("tokenised data loaded from cache")
+    """(training rows drawn from the data sources, eval rows, merged statistics, a summary row per source)."""
+    def load_source(path: str):
+        rows, stats, cached = load_sft_rows([path], cfg.data_format, tokenizer, template, cfg.max_length,
+                                            on_bad_row=cfg.on_bad_row)
+        if cached:
+            log(f"{path}: tokenised rows loaded from cache")
+        return rows, stats
+
+    train, source_stats, sources = load_mixture(cfg.data, cfg.mix_total, cfg.seed, load_source, trained_label_count)
+    stats = merge_stats(source_stats)
     eval_rows: list[TokenizedRow] = []
     if cfg.eval_data:
         eval_rows, _, _ = load_sft_rows(cfg.eval_data, cfg.data_format, tokenizer, template, cfg.max_length,
@@ -61,7 +68,10 @@ def load_data(cfg: SFTConfig, tokenizer, template: str):
     if stats.dropped:
         shown = ", ".join(stats.dropped_origins[:3])
         log(f"dropped {stats.dropped} rows whose prompt alone fills max_length={cfg.max_length} (e.g. {shown})")
-    return train, eval_rows, stats
+    if len(sources) > 1 or sources[0]["used"] != sources[0]["available"]:
+        log("data mixture: " + "; ".join(f"{s['path']} {s['used']}/{s['available']} rows ({s['amount']})"
+                                         for s in sources))
+    return train, eval_rows, stats, sources
 
 
 # ---------------------------------------------------------------- the loop's parts
@@ -113,11 +123,6 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
     return nll, tokens, grad_norm, lr, applied
 
 
-def trained_label_count(rows: list[TokenizedRow]) -> int:
-    """Tokens that enter the loss: labels after the shift (position t predicts token t+1)."""
-    return sum(sum(1 for label in r.labels[1:] if label != IGNORE) for r in rows)
-
-
 @torch.no_grad()
 def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accelerator: Accelerator) -> dict:
     model.eval()
@@ -155,7 +160,7 @@ def train(cfg: SFTConfig):
     set_seed(cfg.seed)
 
     model_path, tokenizer, template = load_inputs(cfg)
-    train_rows, eval_rows, stats = load_data(cfg, tokenizer, template)
+    train_rows, eval_rows, stats, sources = load_data(cfg, tokenizer, template)
     model = build_policy(cfg, model_path, checkpoint)
     claim_output_dir(cfg, out, is_main)
     if is_main:
@@ -246,6 +251,7 @@ def train(cfg: SFTConfig):
         "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1),
         "rows": {"used": len(train_rows), "eval": len(eval_rows), "truncated": stats.truncated,
                  "dropped": stats.dropped, "skipped": stats.skipped, "skipped_examples": stats.skipped_rows},
+        "sources": sources,
         "skipped_steps": guard.skipped,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.time() - started, 2),

@@ -46,11 +46,12 @@ def load_inputs(cfg):
     tokenizer keeps the template it is trained with, so final/ carries it."""
     from transformers.utils import logging as hf_logging
 
+    from alignkit.data.mixture import source_paths
     from alignkit.data.sources import require
     from alignkit.data.templates import resolve_template
     from alignkit.models.load import load_tokenizer, resolve_model
 
-    for path in cfg.data + cfg.eval_data:
+    for path in source_paths(cfg.data) + cfg.eval_data:
         require(Path(path))
     model_path = resolve_model(cfg.model)
     hf_logging.disable_progress_bar()  # our bar is the one to watch; weight loading and saving stay quiet
