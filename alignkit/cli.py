@@ -19,6 +19,7 @@ from alignkit.config import (
     EvalConfig,
     ExportConfig,
     GenerateConfig,
+    PipelineConfig,
     PrefsConfig,
     ReportConfig,
     SFTConfig,
@@ -48,6 +49,11 @@ COMMANDS = {
     "dpo": Command(DPOConfig, "alignkit.recipes.dpo",
                    "direct preference optimisation on (prompt, chosen, rejected) pairs",
                    f"DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. {OUTPUTS}"),
+    "pipeline": Command(PipelineConfig, "alignkit.pipeline",
+                        "run stages of SFT/DPO in sequence (multi-task, sequential, DMT), scoring abilities",
+                        "Stages of SFT and DPO from a plan, each starting from the previous stage's final model, "
+                        "each with its own data mixture; per-ability scores after every stage (abilities.md). "
+                        "See docs/data-mixtures.md."),
     "prefs": Command(PrefsConfig, "alignkit.make_prefs",
                      "sample completions, score them with a reward and write preference pairs",
                      "Preference data as in the DPO paper: n samples per prompt from --model, scored by --reward, "

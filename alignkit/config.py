@@ -179,6 +179,8 @@ class EvalConfig:
     baseline: str | None = _opt(None, "with --prompts: a second model; reports the win rate against it")
     judge: str | None = _opt(None, "with --prompts and --baseline: a local model that compares the two answers "
                                    "(both orders) and gives win/tie/loss with a 95% interval")
+    abilities: list[str] = _opt([], "evaluation sets scored on greedy replies, NAME=FILE or FILE: rows with "
+                                    "answer (math), tests (code) or checks (general); see docs/data-mixtures.md")
     ref_model: str | None = _opt(None, "reference for implicit rewards and KL (default: the base under an adapter)")
     beta: float = _opt(0.1, "β of the implicit reward β(ℓθ − ℓref)")
     n: int = _opt(2, "samples per prompt")
@@ -197,6 +199,15 @@ class ChatConfig:
     temperature: float = _opt(0.7, "sampling temperature (0: greedy)")
     top_p: float = _opt(1.0, "nucleus sampling threshold")
     seed: int = _opt(0, "sampling seed")
+
+
+@dataclass
+class PipelineConfig:
+    plan: str | None = _opt(None, "the plan: a YAML file of stages (see docs/data-mixtures.md)", positional=True)
+    output_dir: str | None = _opt(None, "where the stage folders go (default: the plan's output_dir, else "
+                                        "runs/pipeline-PLAN)")
+    resume: bool = _opt(False, "continue: finished stages are skipped, the unfinished one resumes from its checkpoint")
+    overwrite: bool = _opt(False, "delete what output_dir holds and run every stage again")
 
 
 @dataclass
@@ -360,6 +371,8 @@ def validate(config: Any) -> None:
         validate_dpo(config)
     if hasattr(config, "seed") and not 0 <= config.seed < 2**32:
         raise UserError(f"'seed' must be in [0, 2**32), got {config.seed}")
+    if isinstance(config, PipelineConfig) and not config.plan:
+        raise UserError("give the plan: alignkit pipeline PLAN.yaml")
     if not isinstance(config, TrainConfig):
         return
     if not config.data:

@@ -3,6 +3,8 @@
 - SFT rows: mean token NLL over completion tokens (`loss`) and `perplexity` = exp(loss).
 - Preference rows: `reward_accuracy` = fraction of pairs with β(ℓθ−ℓref)(chosen) > (rejected), `logp_accuracy` =
   fraction with ℓθ(chosen) > ℓθ(rejected) (no reference), `reward_margin` and `logp_margin` their mean gaps.
+- Abilities (`--abilities math=FILE code=FILE ...`): the fraction of rows each set's scorer passes on greedy
+  replies (math exact match, code unit tests, general checks; see alignkit/eval/abilities.py).
 - Prompts + reward: `mean_reward` over n samples per prompt, `win_rate` against --baseline (ties ½),
   `kl_to_reference` = mean Σ_t log π − log π_ref over the model's own samples (see alignkit/eval/kl.py).
 """
@@ -22,6 +24,7 @@ from alignkit.data.sft_dataset import load_sft_rows
 from alignkit.data.sources import read_rows
 from alignkit.data.templates import resolve_template
 from alignkit.errors import UserError
+from alignkit.eval.abilities import evaluate_sets
 from alignkit.eval.judge import judge, model_preference, summarize
 from alignkit.eval.kl import completion_logps, sequence_kl
 from alignkit.generation import generate
@@ -130,9 +133,21 @@ def eval_prompts(model, tokenizer, cfg) -> dict:
     return result
 
 
+def ability_sets(entries: list[str]) -> dict[str, str]:
+    """`NAME=FILE` or `FILE` (named after the file) → {name: file}."""
+    sets = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        name, path = (name, path) if sep else (Path(entry).stem, entry)
+        if name in sets:
+            raise UserError(f"abilities: two evaluation sets are named '{name}' (write NAME=FILE)")
+        sets[name] = path
+    return sets
+
+
 def run(cfg) -> dict:
-    if not cfg.data and not cfg.prompts:
-        raise UserError("give --data (SFT or preference rows) or --prompts with --reward")
+    if not cfg.data and not cfg.prompts and not cfg.abilities:
+        raise UserError("give --data (SFT or preference rows), --prompts with --reward, or --abilities")
     model, tokenizer = load_for_eval(cfg.model)
     template = resolve_template(tokenizer, cfg.chat_template)
     results: dict = {"model": cfg.model}
@@ -145,6 +160,9 @@ def run(cfg) -> dict:
         raise UserError("--judge compares against --baseline on --prompts: give all three")
     if cfg.prompts:
         results["sampled"] = eval_prompts(model, tokenizer, cfg)
+    if cfg.abilities:
+        scored = evaluate_sets(model, tokenizer, ability_sets(cfg.abilities), cfg.max_new_tokens)
+        results["abilities"] = {name: r["score"] for name, r in scored.items()}
     for section, values in results.items():
         if isinstance(values, dict):
             print(f"{section}:")

@@ -1,0 +1,168 @@
+"""Per-ability evaluation, as in the data-composition study (Dong et al. 2023, arXiv 2310.05492): the model
+answers each prompt greedily and a scorer decides whether the answer is right.
+
+An evaluation set is a file of rows with a `prompt` (text or messages) and what its scorer needs:
+- `answer` → math: the last number in the reply must equal the answer (GSM8K's exact-match rule; "1,200" and
+  "1200.0" both equal 1200);
+- `tests` → code: the reply's code (its first ``` block, else the whole reply), followed by the tests (assert
+  statements), must run to the end within `timeout` seconds (default 5) in a child process without network
+  (`alignkit.eval.sandbox`); a reply that loops forever fails;
+- `checks` → general: every check holds (instruction following judged by programs, as in IFEval). A check is
+  {"type": T, "value": V} with T one of: include (every word or phrase in V appears, case-insensitive),
+  exclude (none does), max_words, min_words, uppercase, lowercase (every letter; at least one letter),
+  starts_with, ends_with (after trimming whitespace), bullets (exactly V lines starting with "- " or "* "),
+  json (the reply parses as JSON), no_comma.
+A set's score is the fraction of its rows answered right.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignkit.data.sources import read_rows
+from alignkit.errors import UserError
+from alignkit.eval.sandbox import run_tests
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+FENCED = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.DOTALL)
+BULLET = re.compile(r"^\s*[-*] ", re.MULTILINE)
+
+
+@dataclass
+class Task:
+    prompt: Any  # text or messages
+    scorer: str  # math | code | general
+    expected: Any  # the answer, the tests, or the checks
+    origin: str
+    timeout: float = 5.0
+
+
+# ---------------------------------------------------------------- scorers
+
+def final_number(text: str) -> float | None:
+    numbers = NUMBER.findall(text)
+    if not numbers:
+        return None
+    try:
+        return float(numbers[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def score_math(reply: str, answer: Any) -> tuple[bool, str]:
+    got = final_number(reply)
+    expected = final_number(str(answer))
+    right = got is not None and expected is not None and abs(got - expected) <= 1e-6 * max(1.0, abs(expected))
+    return right, f"final number {got}"
+
+
+def extract_code(reply: str) -> str:
+    fenced = FENCED.search(reply)
+    return fenced[1] if fenced else reply
+
+
+def score_code(reply: str, tests: str, timeout: float = 5.0) -> tuple[bool, str]:
+    outcome = run_tests(extract_code(reply), tests, timeout)
+    return outcome.passed, outcome.reason
+
+
+def _words(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _letters(text: str) -> str:
+    return "".join(c for c in text if c.isalpha())
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(extract_code(text).strip())
+    except ValueError:
+        return False
+    return True
+
+
+CHECKS = {
+    "include": lambda text, v: all(w.lower() in text.lower() for w in _words(v)),
+    "exclude": lambda text, v: not any(w.lower() in text.lower() for w in _words(v)),
+    "max_words": lambda text, v: len(text.split()) <= int(v),
+    "min_words": lambda text, v: len(text.split()) >= int(v),
+    "uppercase": lambda text, v: bool(_letters(text)) and _letters(text).isupper(),
+    "lowercase": lambda text, v: bool(_letters(text)) and _letters(text).islower(),
+    "starts_with": lambda text, v: text.strip().startswith(str(v)),
+    "ends_with": lambda text, v: text.strip().endswith(str(v)),
+    "bullets": lambda text, v: len(BULLET.findall(text)) == int(v),
+    "json": lambda text, v: _is_json(text),
+    "no_comma": lambda text, v: "," not in text,
+}
+
+
+def score_general(reply: str, checks: list[dict]) -> tuple[bool, str]:
+    failed = [c["type"] for c in checks if not CHECKS[c["type"]](reply, c.get("value"))]
+    return not failed, "failed: " + ", ".join(failed) if failed else "passed"
+
+
+def score(task: Task, reply: str) -> tuple[bool, str]:
+    if task.scorer == "math":
+        return score_math(reply, task.expected)
+    if task.scorer == "code":
+        return score_code(reply, task.expected, task.timeout)
+    return score_general(reply, task.expected)
+
+
+# ---------------------------------------------------------------- evaluation sets
+
+def load_tasks(path: str | Path) -> list[Task]:
+    """An evaluation set; each row's scorer follows from its fields (answer, tests or checks)."""
+    tasks = []
+    for row in read_rows([str(path)]):
+        fields = row.fields
+        if "prompt" not in fields or not isinstance(fields["prompt"], (str, list)):
+            raise UserError(f"{row.origin}: field 'prompt' is required (text or a list of messages)")
+        kinds = [k for k in ("answer", "tests", "checks") if k in fields]
+        if len(kinds) != 1:
+            raise UserError(f"{row.origin}: a row needs exactly one of 'answer' (math), 'tests' (code) or "
+                            f"'checks' (general), got {', '.join(kinds) or 'none'}")
+        scorer = {"answer": "math", "tests": "code", "checks": "general"}[kinds[0]]
+        expected = fields[kinds[0]]
+        if scorer == "code" and not isinstance(expected, str):
+            raise UserError(f"{row.origin}: field 'tests' must be Python source (assert statements)")
+        if scorer == "general":
+            _check_checks(expected, row.origin)
+        tasks.append(Task(fields["prompt"], scorer, expected, row.origin, float(fields.get("timeout", 5.0))))
+    return tasks
+
+
+def _check_checks(checks: Any, origin: str) -> None:
+    if not isinstance(checks, list) or not all(isinstance(c, dict) and "type" in c for c in checks):
+        raise UserError(f"{origin}: field 'checks' must be a list of {{\"type\": ..., \"value\": ...}}")
+    for check in checks:
+        if check["type"] not in CHECKS:
+            raise UserError(f"{origin}: field 'checks': unknown type '{check['type']}' (one of {', '.join(CHECKS)})")
+
+
+def evaluate_sets(model, tokenizer, sets: dict[str, str], max_new_tokens: int = 256, batch_size: int = 16,
+                  samples_file: Path | None = None) -> dict[str, dict]:
+    """{set name: {score, right, rows}}; every reply with its verdict goes to `samples_file` (JSON lines)."""
+    from alignkit.generation import generate
+
+    loaded = {name: load_tasks(path) for name, path in sets.items()}  # all checked before any generation
+    results: dict[str, dict] = {}
+    records = []
+    for name, tasks in loaded.items():
+        replies = generate(model, tokenizer, [t.prompt for t in tasks], n=1, max_new_tokens=max_new_tokens,
+                           temperature=0.0, batch_size=batch_size, autocast=False, desc=f"eval {name}")
+        right = 0
+        for task, samples in zip(tasks, replies, strict=True):
+            ok, detail = score(task, samples[0].text)
+            right += ok
+            records.append({"set": name, "origin": task.origin, "scorer": task.scorer, "right": ok,
+                            "detail": detail, "reply": samples[0].text})
+        results[name] = {"score": right / len(tasks), "right": right, "rows": len(tasks)}
+    if samples_file is not None:
+        samples_file.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return results

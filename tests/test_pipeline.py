@@ -1,0 +1,111 @@
+"""`alignkit pipeline`: stages chain through their final models, check everything first, resume stage by stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+from alignkit.cli import main
+from alignkit.models.load import load_model
+from tests.conftest import write_jsonl
+
+
+def sft_rows(word: str, n: int) -> list[dict]:
+    return [{"prompt": f"Say {word} {i}.", "completion": f"{word} {i}"} for i in range(n)]
+
+
+def write_plan(tmp_path, stages, **extra) -> str:
+    plan = {"output_dir": str(tmp_path / "pipe"), "defaults": {"dtype": "fp32", "lr": 5e-3, "lr_scheduler": "constant",
+                                                              "save_steps": 0}, "stages": stages, **extra}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return str(path)
+
+
+def metrics(folder) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_each_stage_starts_from_the_previous_stages_final_model(tmp_path, tiny_model_dir):
+    first = write_jsonl(tmp_path / "first.jsonl", sft_rows("alpha", 6))
+    second = write_jsonl(tmp_path / "second.jsonl", sft_rows("beta", 4))
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": f"Q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}
+                                                   for i in range(4)])
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), stages=[
+        # stage 1 ends by scoring the data stage 2 trains on: its eval/loss is stage 2's starting loss
+        {"name": "one", "method": "sft", "data": [str(first)], "eval_data": [str(second)], "max_steps": 3},
+        {"name": "two", "method": "sft", "data": [str(second)], "batch_size": 4, "max_steps": 2},
+        {"name": "three", "method": "dpo", "data": [f"{prefs}@count=2"], "max_steps": 1, "lora": True}])
+    assert main(["pipeline", plan]) == 0
+    out = tmp_path / "pipe"
+    assert [p.name for p in sorted(out.iterdir()) if p.is_dir()] == ["01-one", "02-two", "03-three"]
+    stage_one_eval = [r for r in metrics(out / "01-one") if "eval/loss" in r][-1]["eval/loss"]
+    assert metrics(out / "02-two")[0]["loss"] == pytest.approx(stage_one_eval, abs=1e-5)
+    saved = yaml.safe_load((out / "03-three" / "config.yaml").read_text())
+    assert saved["model"] == str(out / "02-two" / "final")
+    report = json.loads((out / "pipeline.json").read_text())
+    assert [s["model"] for s in report["stages"]] == [str(tiny_model_dir), str(out / "01-one" / "final"),
+                                                      str(out / "02-two" / "final")]
+    assert report["stages"][2]["sources"][0]["used"] == 2
+    load_model(out / "03-three" / "final")  # an adapter over stage two's model loads as a model
+
+
+def test_a_mistake_in_a_late_stage_stops_the_pipeline_before_anything_trains(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "rows.jsonl", sft_rows("x", 4))
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), stages=[
+        {"name": "one", "method": "sft", "data": [str(data)], "max_steps": 1},
+        {"name": "two", "method": "sft", "data": [str(data)], "learning_rate": 1e-4}])
+    assert main(["pipeline", plan]) == 2
+    err = capsys.readouterr().err
+    assert "stages[1] (two): unknown key 'learning_rate' (did you mean 'lr'?)" in err
+    assert not (tmp_path / "pipe").exists()
+    missing = write_plan(tmp_path, model=str(tiny_model_dir), stages=[
+        {"name": "one", "method": "sft", "data": [str(data)]},
+        {"name": "two", "method": "sft", "data": [str(tmp_path / "nope.jsonl")]}])
+    assert main(["pipeline", missing]) == 2
+    assert "nope.jsonl: data file not found" in capsys.readouterr().err
+
+
+def test_resume_skips_finished_stages_and_refuses_a_changed_plan(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "rows.jsonl", sft_rows("x", 4))
+    stages = [{"name": "one", "method": "sft", "data": [str(data)], "max_steps": 2},
+              {"name": "two", "method": "sft", "data": [str(data)], "max_steps": 2, "save_steps": 1}]
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), stages=stages)
+    assert main(["pipeline", plan]) == 0
+    out = tmp_path / "pipe"
+    assert main(["pipeline", plan]) == 2
+    assert "already holds a pipeline; pass --resume" in capsys.readouterr().err
+
+    one_final = (out / "01-one" / "final" / "model.safetensors").stat().st_mtime_ns
+    uninterrupted = metrics(out / "02-two")
+    # stage two as if stopped after its step-1 checkpoint
+    (out / "02-two" / "summary.json").unlink()
+    shutil.rmtree(out / "02-two" / "checkpoints" / "step-2")
+    (out / "02-two" / "metrics.jsonl").write_text(json.dumps(uninterrupted[0]) + "\n")
+    assert main(["pipeline", plan, "--resume"]) == 0
+    assert (out / "01-one" / "final" / "model.safetensors").stat().st_mtime_ns == one_final
+    assert [r["loss"] for r in metrics(out / "02-two")] == pytest.approx([r["loss"] for r in uninterrupted])
+
+    stages[0]["max_steps"] = 3
+    changed = write_plan(tmp_path, model=str(tiny_model_dir), stages=stages)
+    assert main(["pipeline", changed, "--resume"]) == 2
+    assert "01-one: finished with max_steps: 2, the plan now says 3; run with --overwrite" in capsys.readouterr().err
+
+
+def test_abilities_are_scored_for_the_base_and_after_every_stage(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "rows.jsonl", sft_rows("x", 4))
+    general = write_jsonl(tmp_path / "general.jsonl", [
+        {"prompt": "anything", "checks": [{"type": "max_words", "value": 1000}]},
+        {"prompt": "nothing", "checks": [{"type": "min_words", "value": 1000}]}])
+    math = write_jsonl(tmp_path / "math.jsonl", [{"prompt": "1+1?", "answer": 123456789}])
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), evals={"general": str(general), "math": str(math)},
+                      eval_base=True, eval_max_new_tokens=4,
+                      stages=[{"name": "one", "method": "sft", "data": [str(data)], "max_steps": 1}])
+    assert main(["pipeline", plan]) == 0
+    table = (tmp_path / "pipe" / "abilities.md").read_text().splitlines()
+    assert table[0] == "| stage | general | math |"
+    assert table[2:] == ["| base | 0.500 | 0.000 |", "| one | 0.500 | 0.000 |"]
+    assert (tmp_path / "pipe" / "01-one" / "abilities-samples.jsonl").is_file()
