@@ -109,3 +109,21 @@ def test_abilities_are_scored_for_the_base_and_after_every_stage(tmp_path, tiny_
     assert table[0] == "| stage | general | math |"
     assert table[2:] == ["| base | 0.500 | 0.000 |", "| one | 0.500 | 0.000 |"]
     assert (tmp_path / "pipe" / "01-one" / "abilities-samples.jsonl").is_file()
+
+
+def test_lora_stages_on_lora_stages_keep_every_earlier_adapter(tmp_path, tiny_model_dir):
+    first = write_jsonl(tmp_path / "first.jsonl", sft_rows("alpha", 4))
+    second = write_jsonl(tmp_path / "second.jsonl", sft_rows("beta", 4))
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), stages=[
+        {"name": "one", "method": "sft", "data": [str(first)], "max_steps": 2, "lora": True, "lr": 5e-2},
+        {"name": "two", "method": "sft", "data": [str(first)], "eval_data": [str(second)], "max_steps": 2,
+         "lora": True, "lr": 5e-2},
+        {"name": "three", "method": "sft", "data": [str(second)], "batch_size": 4, "max_steps": 1, "lora": True}])
+    assert main(["pipeline", plan]) == 0
+    out = tmp_path / "pipe"
+    base = json.loads((out / "02-two" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((out / "01-one" / "final").resolve())
+    # stage three starts from stage two's adapter over stage one's adapter over the base: its first loss is the
+    # loss stage two measured on the same rows with both adapters in place
+    stage_two_eval = [r for r in metrics(out / "02-two") if "eval/loss" in r][-1]["eval/loss"]
+    assert metrics(out / "03-three")[0]["loss"] == pytest.approx(stage_two_eval, abs=1e-5)

@@ -29,7 +29,7 @@ from alignkit.eval.judge import judge, model_preference, summarize
 from alignkit.eval.kl import completion_logps, sequence_kl
 from alignkit.generation import generate
 from alignkit.make_prefs import read_prompts
-from alignkit.models.load import load_model, load_tokenizer, resolve_model
+from alignkit.models.load import load_adapter_model, load_model, load_tokenizer, resolve_model
 from alignkit.rewards import load_reward
 from alignkit.training.forward import pair_logps, unit_sequence_logps
 
@@ -39,9 +39,7 @@ def load_for_eval(spec: str):
     path = resolve_model(spec)
     tokenizer = load_tokenizer(path)
     if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        return AutoPeftModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
+        return load_adapter_model(path).eval(), tokenizer
     return load_model(path).eval(), tokenizer
 
 

@@ -9,7 +9,7 @@ import torch
 
 from alignkit.errors import RunError, UserError
 from alignkit.models.embedded import log
-from alignkit.models.load import load_tokenizer
+from alignkit.models.load import load_adapter_model, load_tokenizer
 
 
 def merged_matches_adapter(adapter_model, merged, tokenizer) -> float:
@@ -20,7 +20,6 @@ def merged_matches_adapter(adapter_model, merged, tokenizer) -> float:
 
 
 def run(cfg) -> Path:
-    from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
     if not cfg.model or not cfg.output:
@@ -33,8 +32,8 @@ def run(cfg) -> Path:
         raise UserError(f"{out}: already exists and is not empty")
     tokenizer = load_tokenizer(source)
     if is_adapter and cfg.merge:
-        adapter_model = AutoPeftModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        merged = AutoPeftModelForCausalLM.from_pretrained(source, dtype=torch.float32).merge_and_unload().eval()
+        adapter_model = load_adapter_model(source).eval()
+        merged = load_adapter_model(source).merge_and_unload().eval()
         gap = merged_matches_adapter(adapter_model, merged, tokenizer)
         if gap > 1e-3:
             raise RunError(f"merged logits differ from the adapter model's by {gap:.2e}; nothing written")

@@ -39,16 +39,35 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def is_adapter(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def load_adapter_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A LoRA adapter folder on its base model, unmerged. The base may itself be an adapter folder (a LoRA stage
+    trained on a LoRA stage's output, as pipelines do); it is then loaded, merged, the same way."""
+    import json
+
+    from peft import PeftModel
+
+    base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_name:
+        raise UserError(f"{path}: adapter_config.json names no base model")
+    base_path = Path(base_name)
+    base = load_model(base_path if base_path.exists() else resolve_model(base_name), dtype, trust_remote_code)
+    return PeftModel.from_pretrained(base, path)
+
+
 def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """A model folder, or a LoRA adapter folder (an alignkit `final/`), merged into its base model."""
     from transformers import AutoModelForCausalLM
 
     try:
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            merged = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-            return merged.merge_and_unload()
+        if is_adapter(path):
+            merged = load_adapter_model(path, dtype, trust_remote_code).merge_and_unload()
+            # An adapter trained on this merged model must name this folder as its base, not the first base.
+            merged.name_or_path = merged.config._name_or_path = str(path.resolve())
+            return merged
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{path}: cannot load the model ({err})") from None
