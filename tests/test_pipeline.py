@@ -127,3 +127,21 @@ def test_lora_stages_on_lora_stages_keep_every_earlier_adapter(tmp_path, tiny_mo
     # loss stage two measured on the same rows with both adapters in place
     stage_two_eval = [r for r in metrics(out / "02-two") if "eval/loss" in r][-1]["eval/loss"]
     assert metrics(out / "03-three")[0]["loss"] == pytest.approx(stage_two_eval, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["multitask", "sequential", "mixed_sequential", "dmt"])
+def test_the_shipped_strategy_plans_pass_every_check(name, monkeypatch):
+    from pathlib import Path
+
+    from alignkit.config import PipelineConfig
+    from alignkit.eval.abilities import load_tasks
+    from alignkit.pipeline import check_stages, read_plan
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    plan_file = f"examples/pipelines/{name}.yaml"
+    plan, _, stages = read_plan(PipelineConfig(plan=plan_file))
+    check_stages(stages, plan_file)
+    assert all(load_tasks(path) for path in plan["evals"].values())
+    if name == "dmt":
+        fractions = [entry.get("fraction") for entry in stages[1].values["data"] if isinstance(entry, dict)]
+        assert fractions == ["1/16", "1/16"]

@@ -149,13 +149,15 @@ def evaluate_sets(model, tokenizer, sets: dict[str, str], max_new_tokens: int = 
                   samples_file: Path | None = None) -> dict[str, dict]:
     """{set name: {score, right, rows}}; every reply with its verdict goes to `samples_file` (JSON lines)."""
     from alignkit.generation import generate
+    from alignkit.training.run import mixed_precision
 
+    autocast = mixed_precision("auto") == "bf16"  # bf16 matmuls where the CPU/GPU has them, as in training
     loaded = {name: load_tasks(path) for name, path in sets.items()}  # all checked before any generation
     results: dict[str, dict] = {}
     records = []
     for name, tasks in loaded.items():
         replies = generate(model, tokenizer, [t.prompt for t in tasks], n=1, max_new_tokens=max_new_tokens,
-                           temperature=0.0, batch_size=batch_size, autocast=False, desc=f"eval {name}")
+                           temperature=0.0, batch_size=batch_size, autocast=autocast, desc=f"eval {name}")
         right = 0
         for task, samples in zip(tasks, replies, strict=True):
             ok, detail = score(task, samples[0].text)
