@@ -28,6 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from alignkit.config import PipelineConfig  # noqa: E402
+from alignkit.errors import Interrupted, RunError, UserError  # noqa: E402
 from alignkit.pipeline import run as run_pipeline  # noqa: E402
 from alignkit.pipeline import score_stage  # noqa: E402
 from experiments.dmt_data import write_all  # noqa: E402
@@ -137,4 +138,10 @@ def plot(results: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (UserError, RunError) as err:
+        sys.exit(f"dmt: error: {err}")
+    except Interrupted as err:  # a stopped stage saved its checkpoint: running again resumes it
+        print(f"dmt: {err}; run the same command again to continue", file=sys.stderr)
+        sys.exit(err.code)

@@ -33,6 +33,10 @@ def mixed_precision(dtype: str) -> str:
 def make_accelerator(dtype: str) -> Accelerator:
     # transformers 5 warns on every peft model about a renamed attribute peft still reads; not ours to act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # peft looks for config.json beside an adapter's base to see if the vocabulary grew; a LoRA stage trained on
+    # a LoRA stage's output has an adapter folder as its base, whose vocabulary is the base's
+    warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified",
+                            category=UserWarning)
     # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
     # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
     AcceleratorState._reset_state()
