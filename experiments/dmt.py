@@ -34,7 +34,7 @@ from alignkit.pipeline import score_stage  # noqa: E402
 from experiments.dmt_data import write_all  # noqa: E402
 
 ABILITIES = ("math", "code", "general")
-SIZES = {"quick": {"train": 32, "eval": 8, "epochs": 1}, "full": {"train": 160, "eval": 30, "epochs": 2}}
+SIZES = {"quick": {"train": 32, "eval": 8, "epochs": 1}, "full": {"train": 96, "eval": 24, "epochs": 2}}
 
 
 def training_defaults(epochs: int, seed: int) -> dict:
@@ -66,7 +66,8 @@ def folder_name(strategy: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke test: 32 rows per ability, 8 eval rows, 1 epoch")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test: 32 training and 8 eval rows per ability, 1 epoch (default 96, 24, 2)")
     parser.add_argument("--output-dir", default="runs/dmt-experiment")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--k", nargs="+", default=["1", "1/4", "1/16", "1/64"], help="DMT's specialist fractions")

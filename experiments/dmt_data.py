@@ -27,7 +27,7 @@ ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cookies"
 
 def math_row(rng: random.Random) -> dict:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start, bags, per_bag = rng.randint(5, 30), rng.randint(2, 6), rng.randint(2, 9)
+    start, bags, per_bag = rng.randint(2, 15), rng.randint(2, 4), rng.randint(2, 5)
     bought = bags * per_bag
     kind = rng.randrange(3)
     if kind == 0:
@@ -38,15 +38,15 @@ def math_row(rng: random.Random) -> dict:
         steps = [f"{name} buys {bags} × {per_bag} = {bought} {item}.", f"{start} + {bought} = {start + bought}.",
                  f"After giving {given} away: {start + bought} - {given} = {answer}."]
     elif kind == 1:
-        friends = rng.randint(2, 5)
-        total = friends * rng.randint(2, 12)
+        friends = rng.randint(2, 4)
+        total = friends * rng.randint(2, 6)
         prompt = (f"{name} shares {total} {item} equally among {friends} friends and then finds {start} more. "
                   f"How many {item} does each friend get, plus the {start} found?")
         answer = total // friends + start
         steps = [f"Each friend gets {total} ÷ {friends} = {total // friends} {item}.",
                  f"{total // friends} + {start} = {answer}."]
     else:
-        price = rng.randint(2, 9)
+        price = rng.randint(2, 5)
         prompt = (f"{name} buys {bags} packs of {item} at {price} dollars each and pays with {bags * price + start} "
                   f"dollars. How much change does {name} get?")
         answer = start
