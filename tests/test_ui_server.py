@@ -206,3 +206,14 @@ def test_a_bad_port_is_a_user_error(tmp_path, capsys):
 
     assert main(["ui", "--runs", str(tmp_path), "--port", "70000"]) == 2
     assert "'port' must be in [0, 65535], got 70000" in capsys.readouterr().err
+
+
+def test_help_lists_the_ui_flags_with_their_defaults(capsys):
+    from alignkit.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["ui", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    for flag, default in (("--runs", "runs"), ("--port", "7860"), ("--host", "127.0.0.1")):
+        assert flag in text and f"(default: {default})" in text, flag
