@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,64 @@ def test_rows_without_a_step_or_numbers_are_not_sent():
     fan_out.close()
     fan_out.close()
     assert sent == [({"lr": 0.1, "tokens": 7.0}, 2), "closed"]
+
+
+def test_a_failing_tracker_is_dropped_with_one_warning_and_the_others_go_on(capsys):
+    received = []
+
+    class Broken:
+        def log(self, values, step):
+            raise ConnectionError("server\ngone")
+
+        def close(self):
+            raise AssertionError("a dropped tracker is not closed")
+
+    class Working:
+        def log(self, values, step):
+            received.append(step)
+
+        def close(self):
+            received.append("closed")
+
+    fan_out = tracking.Tracking([Broken(), Working()])
+    fan_out.log({"step": 1, "loss": 1.0})
+    fan_out.log({"step": 2, "loss": 0.5})
+    fan_out.close()
+    assert received == [1, 2, "closed"]
+    assert capsys.readouterr().err.splitlines() == [
+        "alignkit: warning: Broken stopped reporting (server gone); metrics.jsonl keeps every row"]
+
+
+def test_resume_continues_the_same_tracked_runs(tmp_path, tiny_model_dir, monkeypatch):
+    """Run 3 steps, go back to the step-2 checkpoint, resume: step 3 is redone in the same tracked runs;
+    TensorBoard shows it once (purge_step), MLflow holds the redone value beside the first (equal: resume is exact)."""
+    report_to = [name for name in INSTALLED if name != "wandb"]  # W&B keeps its first value of a step anyway
+    if not report_to:
+        pytest.skip("neither tensorboard nor mlflow is installed (pip install 'alignkit[dev]')")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    data, out = write_jsonl(tmp_path / "rows.jsonl", ROWS), tmp_path / "run"
+    argv = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--max-steps", "3",
+            "--batch-size", "2", "--max-length", "64", "--dtype", "fp32", "--save-steps", "2", "--save-total-limit",
+            "0", "--report-to", *report_to]
+    assert main(argv) == 0
+    ids = json.loads((out / "tracking.json").read_text()) if (out / "tracking.json").is_file() else {}
+    shutil.rmtree(out / "checkpoints" / "step-3")
+    (out / "checkpoints" / "latest").write_text("step-2")
+    assert main([*argv, "--resume"]) == 0
+    expected = jsonl_values(out)
+    if "tensorboard" in report_to:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    if "mlflow" in report_to:
+        from mlflow.tracking import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+        assert json.loads((out / "tracking.json").read_text())["mlflow"] == ids["mlflow"]
+        history = sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "loss"))
+        assert [step for step, _ in history] == [1, 2, 3, 3]  # MLflow keeps both writes of the redone step...
+        assert history[2][1] == pytest.approx(history[3][1]) == pytest.approx(expected[("loss", 3)])  # ...equal

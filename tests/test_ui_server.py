@@ -163,6 +163,8 @@ def test_run_list_and_detail(dashboard):
     assert detail["text"] == ["config.yaml", "summary.json"] and detail["images"] == ["plots/loss.png"]
     code, png = get(f"{base}/api/file?run=sft-a&path=plots/loss.png")
     assert code == 200 and png.startswith(b"\x89PNG")
+    (root / "sft-a" / "launch.log").write_text("start\n" + "x" * 1000 + "\nlast line\n")
+    assert get(f"{base}/api/file?run=sft-a&path=launch.log&tail=10") == (200, b"last line\n")
     page = get(f"{base}/")[1]
     assert b"<canvas" in page and b"/api/runs" in page
 

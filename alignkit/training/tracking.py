@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignkit.errors import UserError
+from alignkit.errors import RunError, UserError
+from alignkit.models.embedded import log
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 IDS_FILE = "tracking.json"
@@ -51,22 +52,33 @@ def flat_params(config: dict) -> dict[str, Any]:
 
 class TensorBoardTracker:
     def __init__(self, out: Path, config: dict):
+        import torch.utils.tensorboard  # noqa: F401 - fails here, before training, if tensorboard cannot load
+
+        self.folder, self.config = out / "tensorboard", config
+        self.writer = None
+
+    def open(self, first_step: int) -> None:
+        """The writer starts at the first logged step: after a resume, TensorBoard drops the older events from
+        that step on (purge_step), so redone steps are not shown twice."""
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
-        for summary in hparams(flat_params(config), {}):  # the HPARAMS tab's table, no separate sub-run
+        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=first_step)
+        for summary in hparams(flat_params(self.config), {}):  # the HPARAMS tab's table, no separate sub-run
             self.writer.file_writer.add_summary(summary)
-        text = "\n".join(f"    {k}: {v}" for k, v in config.items())  # indented: markdown shows it verbatim
-        self.writer.add_text("config", text)
+        text = "\n".join(f"    {k}: {v}" for k, v in self.config.items())  # indented: markdown shows it verbatim
+        self.writer.add_text("config", text, global_step=first_step)
 
     def log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            self.open(step)
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def wandb_configured() -> bool:
@@ -137,15 +149,25 @@ class Tracking:
     def log(self, row: dict) -> None:
         values = scalars(row)
         if values and "step" in row:
-            for tracker in self.trackers:
-                tracker.log(values, int(row["step"]))
+            for tracker in list(self.trackers):
+                self.guarded(tracker, tracker.log, values, int(row["step"]))
+
+    def guarded(self, tracker, call, *args) -> None:
+        """A tracker that fails (a server gone, a full disk) is dropped with one line; training and
+        metrics.jsonl go on."""
+        try:
+            call(*args)
+        except Exception as err:  # noqa: BLE001 - any tracker failure must not stop the run
+            self.trackers.remove(tracker)
+            log(f"warning: {type(tracker).__name__} stopped reporting ({' '.join(str(err).split())}); "
+                "metrics.jsonl keeps every row")
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for tracker in self.trackers:
-            tracker.close()
+        for tracker in list(self.trackers):
+            self.guarded(tracker, tracker.close)
 
 
 def open_tracking(cfg, out: Path) -> Tracking | None:
@@ -160,12 +182,16 @@ def open_tracking(cfg, out: Path) -> Tracking | None:
     ids = json.loads(ids_path.read_text()) if cfg.resume and ids_path.is_file() else {}
     trackers: list = []
     for name in cfg.report_to:
-        if name == "tensorboard":
-            trackers.append(TensorBoardTracker(out, config))
-        elif name == "wandb":
-            trackers.append(WandbTracker(out, config, ids.get("wandb")))
-        else:
-            trackers.append(MlflowTracker(out, config, ids.get("mlflow")))
+        try:
+            if name == "tensorboard":
+                trackers.append(TensorBoardTracker(out, config))
+            elif name == "wandb":
+                trackers.append(WandbTracker(out, config, ids.get("wandb")))
+            else:
+                trackers.append(MlflowTracker(out, config, ids.get("mlflow")))
+        except Exception as err:  # noqa: BLE001 - whatever the tracker raises, the user gets one line
+            raise RunError(f"report_to {name}: could not start ({' '.join(str(err).split())[:300]}); "
+                           f"run without it or fix its settings") from None
     ids.update({name: t.run_id for name, t in zip(cfg.report_to, trackers, strict=True) if hasattr(t, "run_id")})
     if ids:
         ids_path.write_text(json.dumps(ids))

@@ -9,7 +9,7 @@ outside the runs folder is read or written:
 | GET    | /api/runs      | every run with its status, method, model, last step                         |
 | GET    | /api/metrics   | ?run=NAME&offset=BYTES: metrics.jsonl rows added since offset               |
 | GET    | /api/run       | ?run=NAME: status and the names of its text files and PNG plots             |
-| GET    | /api/file      | ?run=NAME&path=FILE: one file of the run (text, JSON or PNG)                |
+| GET    | /api/file      | ?run=NAME&path=FILE[&tail=BYTES]: a file of the run (text, JSON or PNG)     |
 | GET    | /api/fields    | the SFT and DPO config fields with defaults, meanings and choices           |
 | POST   | /api/validate  | {method, name, values, extra}: the CLI's checks; {ok} or {error}            |
 | POST   | /api/launch    | the same, then starts the run                                               |
@@ -162,7 +162,7 @@ class Handler(BaseHTTPRequestHandler):
         kind = mimetypes.guess_type(target.name)[0] or "text/plain"
         if kind.startswith("text/") or target.suffix in (".yaml", ".log", ".jsonl", ".md"):
             kind = "text/plain; charset=utf-8"
-        self.send(200, target.read_bytes(), kind)
+        self.send(200, read_tail(target, query.get("tail")), kind)
 
     # ------------------------------------------------------------ POST routes
 
@@ -182,6 +182,19 @@ class Handler(BaseHTTPRequestHandler):
         self.run_folder(body.get("run"))
         self.server.launcher.resume(body["run"], body.get("method", ""))
         self.send_json({"ok": True})
+
+
+def read_tail(path: Path, tail: str | None) -> bytes:
+    """The whole file, or its last `tail` bytes (a long run's log is polled without sending all of it)."""
+    if tail is None:
+        return path.read_bytes()
+    try:
+        size = max(0, int(tail))
+    except ValueError:
+        raise UserError("tail must be a whole number of bytes") from None
+    with open(path, "rb") as handle:
+        handle.seek(max(0, path.stat().st_size - size))
+        return handle.read()
 
 
 def bind_warning(host: str) -> str | None:
