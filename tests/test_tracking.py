@@ -153,7 +153,7 @@ def test_a_failing_tracker_is_dropped_with_one_warning_and_the_others_go_on(caps
 def test_resume_continues_the_same_tracked_runs(tmp_path, tiny_model_dir, monkeypatch):
     """Run 3 steps, go back to the step-2 checkpoint, resume: step 3 is redone in the same tracked runs;
     TensorBoard shows it once (purge_step), MLflow holds the redone value beside the first (equal: resume is exact)."""
-    report_to = [name for name in INSTALLED if name != "wandb"]  # W&B keeps its first value of a step anyway
+    report_to = [name for name in INSTALLED if name != "wandb"]  # W&B's offline file is not read back by step
     if not report_to:
         pytest.skip("neither tensorboard nor mlflow is installed (pip install 'alignkit[dev]')")
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):

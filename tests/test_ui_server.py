@@ -219,3 +219,21 @@ def test_help_lists_the_ui_flags_with_their_defaults(capsys):
     assert done.value.code == 0
     for flag, default in (("--runs", "runs"), ("--port", "7860"), ("--host", "127.0.0.1")):
         assert flag in text and f"(default: {default})" in text, flag
+
+
+def test_a_launched_run_that_fails_is_marked_failed_with_its_error_in_the_log(dashboard, tmp_path):
+    base, root = dashboard
+    data = str(write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b"}]))
+    form = {"method": "sft", "name": "broken", "values": {"model": str(tmp_path / "no-such-model"), "data": [data]}}
+    assert post(f"{base}/api/launch", form) == (200, {"ok": True, "run": "broken"})
+    launched = root / "broken" / "launch.json"
+    deadline = time.monotonic() + 120
+    while "returncode" not in json.loads(launched.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert json.loads(launched.read_text())["returncode"] == 2
+    detail = json.loads(get(f"{base}/api/run?run=broken")[1])
+    assert detail["status"] == "failed" and detail["returncode"] == 2 and "launch.log" in detail["text"]
+    log = get(f"{base}/api/file?run=broken&path=launch.log")[1].decode()
+    assert log.count("alignkit: error:") == 1 and "no-such-model" in log
+    assert post(f"{base}/api/stop", {"run": "broken"})[1]["error"] == (
+        "broken is not a run this dashboard started and is still running")
