@@ -183,3 +183,20 @@ def test_resume_continues_the_same_tracked_runs(tmp_path, tiny_model_dir, monkey
         history = sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "loss"))
         assert [step for step, _ in history] == [1, 2, 3, 3]  # MLflow keeps both writes of the redone step...
         assert history[2][1] == pytest.approx(history[3][1]) == pytest.approx(expected[("loss", 3)])  # ...equal
+
+
+def test_dpo_rewards_margins_and_accuracies_reach_tensorboard(tmp_path, tiny_model_dir):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'alignkit[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pairs = [{"prompt": "Add 12 and 30.", "chosen": "42", "rejected": "41"},
+             {"prompt": "Hello", "chosen": "hello there", "rejected": "go away"}]
+    data, out = write_jsonl(tmp_path / "pairs.jsonl", pairs), tmp_path / "dpo"
+    assert main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--max-steps",
+                 "2", "--batch-size", "2", "--max-length", "64", "--dtype", "fp32", "--save-steps", "0",
+                 "--report-to", "tensorboard"]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert tags == {key for key, _ in jsonl_values(out)}
+    assert {"rewards/margins", "rewards/accuracies", "rewards/chosen", "logps/rejected"} <= tags
