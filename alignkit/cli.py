@@ -23,6 +23,7 @@ from alignkit.config import (
     PrefsConfig,
     ReportConfig,
     SFTConfig,
+    UIConfig,
     field_type,
     fields_of,
     load_yaml,
@@ -84,6 +85,12 @@ COMMANDS = {
                       "report.md and PNG plots from a run's metrics.jsonl",
                       "Write RUN_DIR/report.md with plots of loss, lr, grad norm, DPO rewards/margins/accuracies "
                       "and evaluation curves, read from metrics.jsonl and summary.json."),
+    "ui": Command(UIConfig, "alignkit.ui.server",
+                  "a local web dashboard: runs and their status, live curves, comparisons, launch and stop",
+                  "Serve a web page over --runs: every run's status (running, finished, resumable, failed), live "
+                  "curves from metrics.jsonl, config, summary and plots, several runs on one chart, and a form "
+                  "that checks an SFT or DPO config like the CLI and starts it (Stop sends SIGINT, which saves). "
+                  "No authentication: keep --host on loopback. See docs/tracking.md."),
 }
 USAGE_HINT = "run 'alignkit COMMAND --help' for every field"
 

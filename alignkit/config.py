@@ -77,6 +77,9 @@ class TrainConfig:
                            choices=["error", "skip"])
     max_bad_steps: int = _opt(10, "stop after this many steps in a row with a NaN/Inf loss or gradient norm "
                                   "(such steps are skipped, not applied)")
+    report_to: list[str] = _opt([], "where metrics also go besides metrics.jsonl: any of tensorboard, wandb, mlflow "
+                                    "(each an extra: pip install 'alignkit[tensorboard]'; see docs/tracking.md)",
+                                choices=["tensorboard", "wandb", "mlflow"])
 
 
 @dataclass
@@ -208,6 +211,14 @@ class PipelineConfig:
                                         "runs/pipeline-PLAN)")
     resume: bool = _opt(False, "continue: finished stages are skipped, the unfinished one resumes from its checkpoint")
     overwrite: bool = _opt(False, "delete what output_dir holds and run every stage again")
+
+
+@dataclass
+class UIConfig:
+    runs: str = _opt("runs", "folder whose run folders the dashboard lists, follows and launches into")
+    port: int = _opt(7860, "port to listen on (0: any free port)")
+    host: str = _opt("127.0.0.1", "address to bind; any other than loopback lets the network see and start runs "
+                                  "without authentication (a warning is printed)")
 
 
 @dataclass
@@ -379,6 +390,10 @@ def validate(config: Any) -> None:
         raise UserError("no training data: set 'data' (--data FILE [FILE ...])")
     if config.max_steps == 0 and config.epochs == 0:
         raise UserError("set 'epochs' or 'max_steps' above 0: there is nothing to train")
+    if config.report_to:  # a missing tracker package stops the run before anything is loaded
+        from alignkit.training.tracking import require_packages
+
+        require_packages(config.report_to)
 
 
 def validate_dpo(config: DPOConfig) -> None:

@@ -52,6 +52,7 @@ from alignkit.training.run import (
     step_stream,
     steps_per_epoch,
 )
+from alignkit.training.tracking import open_tracking
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
@@ -321,7 +322,8 @@ def train(cfg: DPOConfig):
     state["total_steps"] = total_steps
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
+    metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"], tracking=open_tracking(cfg, out))
+               if is_main else None)
     log(f"{len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {total_steps} steps, global batch "
         f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, losses {'+'.join(cfg.loss_type)}, "
         f"beta {cfg.beta}, reference {reference.kind}, precision {accelerator.mixed_precision}, "

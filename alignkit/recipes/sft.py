@@ -43,6 +43,7 @@ from alignkit.training.run import (
     step_stream,
     steps_per_epoch,
 )
+from alignkit.training.tracking import open_tracking
 
 # ---------------------------------------------------------------- set-up
 
@@ -184,7 +185,8 @@ def train(cfg: SFTConfig):
     state["total_steps"] = total_steps
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
+    metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"], tracking=open_tracking(cfg, out))
+               if is_main else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{len(train_rows)} training rows, {len(eval_rows)} eval rows, {total_steps} steps, "
         f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, "

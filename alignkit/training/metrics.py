@@ -19,9 +19,12 @@ import torch
 
 
 class MetricsLog:
-    def __init__(self, path: Path, keep_until_step: int | None = None):
-        """Open for appending; on resume, rows after the checkpoint's step are dropped (they will be redone)."""
+    def __init__(self, path: Path, keep_until_step: int | None = None, tracking=None):
+        """Open for appending; on resume, rows after the checkpoint's step are dropped (they will be redone).
+
+        `tracking` (see `training.tracking`) receives every row too, so trackers and the file never disagree."""
         self.path = path
+        self.tracking = tracking
         kept = []
         if keep_until_step is not None and path.is_file():
             for line in path.read_text().splitlines():
@@ -39,9 +42,13 @@ class MetricsLog:
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         self.handle.write(json.dumps(clean) + "\n")
         self.handle.flush()
+        if self.tracking is not None:
+            self.tracking.log(clean)
 
     def close(self) -> None:
         self.handle.close()
+        if self.tracking is not None:
+            self.tracking.close()
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -18,7 +18,9 @@ from accelerate.state import AcceleratorState
 from alignkit.data.batches import micro_batches
 from alignkit.errors import Interrupted, RunError, UserError
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints")
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints", "tensorboard", "wandb",
+             "mlruns", "tracking.json")
+PID_FILE = "run.pid"
 
 
 def mixed_precision(dtype: str) -> str:
@@ -84,6 +86,7 @@ def claim_output_dir(cfg, out: Path, is_main: bool) -> None:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    (out / PID_FILE).write_text(str(os.getpid()))  # `alignkit ui` tells a running run from a dead one by it
 
 
 def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
