@@ -39,7 +39,7 @@ from alignkit.models.load import build_policy, load_model, resolve_model
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
-from alignkit.training.metrics import MetricsLog, peak_memory_mib
+from alignkit.training.metrics import MetricsLog, Window, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
     check_output_dir,
@@ -333,7 +333,7 @@ def train(cfg: DPOConfig):
     progress = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="dpo", unit="step",
                     dynamic_ncols=True)
     train_start = time.time() - state["train_seconds"]
-    window_tokens, window_seconds = 0, 0.0
+    window = Window()
     last: dict = {}
     eval_result: dict = {}
     guard = NonFiniteGuard(cfg.max_bad_steps)
@@ -347,18 +347,19 @@ def train(cfg: DPOConfig):
             state.update(step=state["step"] + 1, epoch=epoch, index=index, pairs=state["pairs"] + last["pairs"],
                          loss=last["loss"], tokens=state["tokens"] + last["tokens"],
                          step_seconds=state["step_seconds"] + seconds)
-            window_tokens, window_seconds = window_tokens + last["tokens"], window_seconds + seconds
+            window.add({k: last[k] for k in METRICS if k in last}, last["pairs"],
+                       {"pairs": last["pairs"], "tokens": last["tokens"]}, seconds, not last.get("skipped"))
             step = state["step"]
             progress.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
-                rate = window_tokens / max(window_seconds, 1e-9)
-                row = {"step": step, "epoch": round(step / per_epoch, 4), **last, "tokens_per_s": round(rate, 1),
-                       "elapsed_s": round(time.time() - train_start, 2)}
+                row = {"step": step, "epoch": round(step / per_epoch, 4), **window.row(), "lr": last["lr"],
+                       "grad_norm": last["grad_norm"], "elapsed_s": round(time.time() - train_start, 2)}
                 if metrics:
                     metrics.write(row)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
-                                     margin=f"{last['rewards/margins']:.3f}", lr=f"{last['lr']:.1e}")
-                window_tokens, window_seconds = 0, 0.0
+                progress.set_postfix(loss=f"{row['loss'] or float('nan'):.4f}",
+                                     acc=f"{row['rewards/accuracies'] or 0:.2f}",
+                                     margin=f"{row['rewards/margins'] or 0:.3f}", lr=f"{last['lr']:.1e}")
+                window = Window()
             if eval_pairs and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
                 eval_result = evaluate(model, reference, eval_pairs, cfg, pad_id, accelerator)
                 if metrics:

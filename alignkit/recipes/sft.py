@@ -30,7 +30,7 @@ from alignkit.models.load import build_policy
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
-from alignkit.training.metrics import MetricsLog, peak_memory_mib
+from alignkit.training.metrics import MetricsLog, Window, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
     check_output_dir,
@@ -197,7 +197,7 @@ def train(cfg: SFTConfig):
     stream = step_stream(train_rows, cfg, state["epoch"], state["index"], rank, world)
     progress = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="sft", unit="step",
                     dynamic_ncols=True)
-    window_tokens, window_seconds = 0, 0.0
+    window = Window()
     last_loss = None
     eval_result: dict = {}
     train_start = time.time() - state["train_seconds"]
@@ -211,21 +211,18 @@ def train(cfg: SFTConfig):
             last_loss = step_nll / step_tokens
             state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens,
                          loss=last_loss)
-            window_tokens += step_tokens
-            window_seconds += time.time() - step_began
+            window.add({"loss": last_loss}, step_tokens, {"tokens": step_tokens}, time.time() - step_began, applied)
             state["step_seconds"] += time.time() - step_began
             step = state["step"]
             progress.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
-                now = time.time()
-                rate = window_tokens / max(window_seconds, 1e-9)
-                row = {"step": step, "epoch": round(step / per_epoch, 4), "loss": last_loss, "lr": lr,
-                       "grad_norm": grad_norm, "tokens": step_tokens, "tokens_per_s": round(rate, 1),
-                       "elapsed_s": round(now - train_start, 2), **({} if applied else {"skipped": True})}
+                row = {"step": step, "epoch": round(step / per_epoch, 4), **window.row(), "lr": lr,
+                       "grad_norm": grad_norm, "elapsed_s": round(time.time() - train_start, 2)}
                 if metrics:
                     metrics.write(row)
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
-                window_tokens, window_seconds = 0, 0.0
+                progress.set_postfix(loss=f"{row['loss'] or float('nan'):.4f}", lr=f"{lr:.2e}",
+                                     tok_s=f"{row['tokens_per_s']:.0f}")
+                window = Window()
             if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
                 eval_result = evaluate(model, eval_rows, cfg, pad_id, accelerator)
                 if metrics:

@@ -1,8 +1,10 @@
 """`metrics.jsonl`: one JSON object per logged step, and the peak memory figure for the summary.
 
-Training rows: step, epoch (fractional), loss (mean token NLL of the step), lr, grad_norm (before clipping),
-tokens (trained tokens in the step, all processes), tokens_per_s (trained tokens per second over the steps
-since the previous row), elapsed_s (seconds since training started, start-up excluded).
+Training rows describe the steps since the previous row (`logging_steps` of them): step (the last), epoch
+(fractional), loss (mean token NLL over those steps' trained tokens), lr and grad_norm (before clipping) of the
+last step, tokens (trained tokens of those steps, all processes), tokens_per_s (their trained tokens per second
+of step time), elapsed_s (seconds since training started, start-up excluded), and `skipped: true` when one of
+them had a NaN/Inf loss or gradient norm (it is left out of the averages; loss is null when all were).
 Evaluation rows: step, epoch and keys prefixed `eval/`: eval/loss (mean token NLL over the evaluation
 set's trained tokens), eval/ppl (exp of eval/loss), eval/tokens.
 """
@@ -16,6 +18,37 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+class Window:
+    """The steps since the last logged row: per-step means averaged with weights (tokens for SFT losses, pairs
+    for DPO metrics), counts summed, step time added up; a skipped (non-finite) step counts in time and totals
+    but not in the averages."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+        self.totals: dict[str, int] = {}
+        self.seconds = 0.0
+        self.skipped = False
+
+    def add(self, means: dict[str, float], weight: float, totals: dict[str, int], seconds: float,
+            applied: bool) -> None:
+        for name, value in totals.items():
+            self.totals[name] = self.totals.get(name, 0) + value
+        self.seconds += seconds
+        for name, value in means.items():
+            self.sums.setdefault(name, 0.0)
+            if applied:
+                self.sums[name] += value * weight
+        if applied:
+            self.weight += weight
+        self.skipped |= not applied
+
+    def row(self) -> dict:
+        means = {name: (total / self.weight if self.weight else None) for name, total in self.sums.items()}
+        rate = self.totals.get("tokens", 0) / max(self.seconds, 1e-9)
+        return {**means, **self.totals, "tokens_per_s": round(rate, 1), **({"skipped": True} if self.skipped else {})}
 
 
 class MetricsLog:
