@@ -122,6 +122,8 @@ def test_status_rules(tmp_path):
     (resumable / "checkpoints").mkdir()
     (resumable / "checkpoints" / "latest").write_text("step-2")
     (resumable / "run.pid").write_text(str(dead_pid()))
+    stage = write_run(root / "pipeline-stage", SFT_ROWS, {}, {"steps": 4})
+    (stage / "run.pid").write_text(str(os.getpid()))  # a pipeline's process goes on to the next stage
     stale = write_run(root / "stale-no-pid", SFT_ROWS, {})
     make_old(stale / "metrics.jsonl")
     reused = write_run(root / "reused-pid", SFT_ROWS, {})
@@ -129,7 +131,7 @@ def test_status_rules(tmp_path):
     make_old(reused / "run.pid")  # written before this process started: the pid now belongs to someone else
     make_old(reused / "metrics.jsonl")
     expected = {"running": "running", "fresh-no-pid": "running", "finished": "finished", "resumable": "resumable",
-                "stale-no-pid": "failed", "reused-pid": "failed"}
+                "pipeline-stage": "finished", "stale-no-pid": "failed", "reused-pid": "failed"}
     assert {name: runs.status(root / name) for name in expected} == expected
     assert fresh.is_dir() and sorted(runs.discover(root)) == sorted(expected)
 

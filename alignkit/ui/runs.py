@@ -5,9 +5,9 @@ when it starts a run). Status, first rule that applies:
 
 | status    | rule                                                                                          |
 |-----------|-----------------------------------------------------------------------------------------------|
+| finished  | summary.json exists (the recipes write it last; a pipeline's process lives on after a stage)  |
 | running   | run.pid (written by the recipe when it claims the folder) or launch.json names a live process; |
 |           | with neither file, metrics.jsonl changed in the last 5 minutes                                |
-| finished  | summary.json exists (the recipes write it last)                                               |
 | resumable | checkpoints/latest exists: `--resume` continues from it                                       |
 | failed    | anything else: the process is gone, leaving no summary and no checkpoint                      |
 
@@ -98,18 +98,17 @@ def read_pid(path: Path) -> int | None:
 
 
 def status(folder: Path) -> str:
-    """running, finished, resumable or failed: see the module's table."""
+    """finished, running, resumable or failed: see the module's table."""
+    if (folder / "summary.json").is_file():
+        return "finished"
     pid_files = [folder / name for name in PID_FILES if (folder / name).is_file()]
     for path in pid_files:
         pid = read_pid(path)
         if pid is not None and pid_alive(pid, path.stat().st_mtime):
             return "running"
     metrics = folder / "metrics.jsonl"
-    if not pid_files and metrics.is_file() and time.time() - metrics.stat().st_mtime < FRESH_SECONDS \
-            and not (folder / "summary.json").is_file():
+    if not pid_files and metrics.is_file() and time.time() - metrics.stat().st_mtime < FRESH_SECONDS:
         return "running"
-    if (folder / "summary.json").is_file():
-        return "finished"
     if (folder / "checkpoints" / "latest").is_file():
         return "resumable"
     return "failed"
