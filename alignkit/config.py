@@ -61,6 +61,10 @@ class TrainConfig:
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     lora_targets: list[str] = _opt(["all-linear"], "module names to adapt; all-linear means every linear "
                                                    "layer of the blocks (not the output head)")
+    activation_checkpointing: str = _opt("auto", "recompute layer activations in the backward pass to save memory: "
+                                                 "auto (only when the largest forward pass would not fit, and then "
+                                                 "only as many layers as needed), on or off",
+                                         choices=["auto", "on", "off"])
     dtype: str = _opt("auto", "auto (fp32 weights + bf16 autocast where supported), fp32 or bf16",
                       choices=["auto", "fp32", "bf16"])
     seed: int = _opt(42, "seed for data order, initialisation of LoRA weights and dropout")
@@ -242,7 +246,8 @@ def field_type(config_cls: type, name: str) -> Any:
 HF_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
             "gradient_accumulation_steps": "grad_accum", "max_seq_length": "max_length",
             "lr_scheduler_type": "lr_scheduler", "model_name_or_path": "model", "dataset": "data",
-            "train_file": "data", "max_grad_norm": "max_grad_norm", "bf16": "dtype", "lora_rank": "lora_r"}
+            "train_file": "data", "max_grad_norm": "max_grad_norm", "bf16": "dtype", "lora_rank": "lora_r",
+            "gradient_checkpointing": "activation_checkpointing"}
 
 
 def suggest(name: str, valid: typing.Iterable[str]) -> str:

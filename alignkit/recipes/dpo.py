@@ -36,6 +36,7 @@ from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, resolve_model
+from alignkit.training import checkpointing
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -104,6 +105,18 @@ def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[list[
 def pair_tokens(pairs: list[PreferenceRow]) -> int:
     """Trained (scored) tokens of both answers."""
     return trained_label_count([row for p in pairs for row in (p.chosen, p.rejected)])
+
+
+def longest_forward(pairs: list[PreferenceRow], cfg: DPOConfig) -> int:
+    """Tokens in the largest forward pass the layout makes (what activation memory scales with); a prefix-shared
+    sequence holds the prompt once, so chosen + rejected bounds it."""
+    longest = max(len(s.input_ids) for p in pairs for s in (p.chosen, p.rejected))
+    layout = dpo_layout(cfg)
+    if layout == "padded":
+        return 2 * cfg.batch_size * longest
+    if layout == "prefix_shared":
+        return max(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
+    return longest
 
 
 def dpo_layout(cfg: DPOConfig) -> str:
@@ -295,6 +308,10 @@ def train(cfg: DPOConfig):
     if not train_pairs:
         raise UserError("no preference pairs left to train on")
     model = build_policy(cfg, model_path, checkpoint)
+    # a frozen copy as reference is still to be loaded: its fp32 weights count against the same memory
+    reference_bytes = 4.0 * sum(p.numel() for p in model.parameters()) if reference_kind(cfg) == "copy" else 0.0
+    recompute = checkpointing.configure(model, cfg.activation_checkpointing, longest_forward(train_pairs, cfg),
+                                        accelerator.device, reference_bytes)
     claim_output_dir(cfg, out, is_main)
     if is_main:
         save_yaml(cfg, out / "config.yaml")
@@ -327,7 +344,7 @@ def train(cfg: DPOConfig):
     log(f"{len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {total_steps} steps, global batch "
         f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, losses {'+'.join(cfg.loss_type)}, "
         f"beta {cfg.beta}, reference {reference.kind}, precision {accelerator.mixed_precision}, "
-        f"layout {dpo_layout(cfg)}")
+        f"layout {dpo_layout(cfg)}, activation checkpointing {recompute}")
 
     stream = step_stream(train_pairs, cfg, state["epoch"], state["index"], rank, world)
     progress = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="dpo", unit="step",

@@ -27,6 +27,7 @@ from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy
+from alignkit.training import checkpointing
 from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -82,6 +83,13 @@ def resolve_layout(layout: str, device: torch.device) -> str:
     if layout != "auto":
         return layout
     return "packed" if device.type == "cuda" else "per_sequence"
+
+
+def longest_forward(rows: list[TokenizedRow], cfg: SFTConfig, device: torch.device) -> int:
+    """Tokens in the largest forward pass the layout makes (what activation memory scales with)."""
+    longest = max(len(r.input_ids) for r in rows)
+    layout = resolve_layout(cfg.layout, device)
+    return {"packed": cfg.max_length, "padded": cfg.batch_size * longest}.get(layout, longest)
 
 
 def unit_logps(model, unit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +171,8 @@ def train(cfg: SFTConfig):
     model_path, tokenizer, template = load_inputs(cfg)
     train_rows, eval_rows, stats, sources = load_data(cfg, tokenizer, template)
     model = build_policy(cfg, model_path, checkpoint)
+    recompute = checkpointing.configure(model, cfg.activation_checkpointing,
+                                        longest_forward(train_rows, cfg, accelerator.device), accelerator.device)
     claim_output_dir(cfg, out, is_main)
     if is_main:
         save_yaml(cfg, out / "config.yaml")
@@ -191,7 +201,7 @@ def train(cfg: SFTConfig):
     log(f"{len(train_rows)} training rows, {len(eval_rows)} eval rows, {total_steps} steps, "
         f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, "
         f"{trainable:,} trainable parameters, precision {accelerator.mixed_precision}, "
-        f"layout {resolve_layout(cfg.layout, accelerator.device)}")
+        f"layout {resolve_layout(cfg.layout, accelerator.device)}, activation checkpointing {recompute}")
 
     pad_id = tokenizer.pad_token_id
     stream = step_stream(train_rows, cfg, state["epoch"], state["index"], rank, world)
