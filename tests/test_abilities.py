@@ -30,6 +30,8 @@ TESTS = "assert add_two(1) == 3\nassert add_two(-2) == 0"
     ("def add_two(x):\n    return x + 3", False, "AssertionError"),
     ("def add_two(x):\n    while True:\n        pass", False, "timeout"),
     ("def add_two(x) return x", False, "SyntaxError"),
+    ("def add_two(x):\n    return x\nimport sys\nsys.exit(0)", False, "exited before the tests finished"),
+    ("def add_two(x):\n    return x + 2\nimport subprocess\nsubprocess.Popen(['sleep', '30'])", True, "passed"),
     ("import urllib.request\nurllib.request.urlopen('http://example.com')\ndef add_two(x):\n    return x + 2",
      False, "network access is disabled"),
 ])
@@ -67,7 +69,7 @@ def test_an_evaluation_row_names_its_scorer_by_its_fields(tmp_path):
     with pytest.raises(UserError, match=r"bad.jsonl:2: a row needs exactly one of 'answer'"):
         load_tasks(bad)
     unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"prompt": "x", "checks": [{"type": "rhymes"}]}])
-    with pytest.raises(UserError, match=r"unknown.jsonl:1: field 'checks': unknown type 'rhymes'"):
+    with pytest.raises(UserError, match=r"unknown.jsonl:1: checks\[0\]: 'type' must be one of .*got 'rhymes'"):
         load_tasks(unknown)
 
 
@@ -82,3 +84,20 @@ def test_evaluate_sets_scores_generated_replies(tmp_path, tiny_model_dir):
     result = evaluate_sets(model, tokenizer, sets, max_new_tokens=4, samples_file=samples)
     assert result == {"general": {"score": 0.5, "right": 1, "rows": 2}}
     assert len(samples.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "checks": [{"type": "max_words", "value": "ten"}]},
+     "checks[0] (max_words): 'value' must be a whole number >= 0, got 'ten'"),
+    ({"prompt": "p", "checks": [{"type": "uppercase"}, {"type": "include", "value": 5}]},
+     "checks[1] (include): 'value' must be a word or a list of words, got 5"),
+    ({"prompt": "p", "checks": [{"type": ["x"]}]}, "checks[0]: 'type' must be one of"),
+    ({"prompt": "p", "answer": "yes"}, "field 'answer' must hold a number, got 'yes'"),
+    ({"prompt": "p", "tests": "assert True", "timeout": "abc"}, "field 'timeout' must be seconds"),
+    ({"prompt": [{"text": "hi"}], "answer": 1}, "field 'prompt' is required"),
+])
+def test_bad_evaluation_rows_are_one_line_errors_before_any_generation(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "set.jsonl", [{"prompt": "ok", "answer": 1}, row])
+    with pytest.raises(UserError) as err:
+        load_tasks(path)
+    assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value)

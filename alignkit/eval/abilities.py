@@ -11,7 +11,7 @@ An evaluation set is a file of rows with a `prompt` (text or messages) and what 
   {"type": T, "value": V} with T one of: include (every word or phrase in V appears, case-insensitive),
   exclude (none does), max_words, min_words, uppercase, lowercase (every letter; at least one letter),
   starts_with, ends_with (after trimming whitespace), bullets (exactly V lines starting with "- " or "* "),
-  json (the reply parses as JSON), no_comma.
+  json (the reply, or its first ``` block, parses as JSON), no_comma.
 A set's score is the fraction of its rows answered right.
 """
 
@@ -27,8 +27,8 @@ from alignkit.data.sources import read_rows
 from alignkit.errors import UserError
 from alignkit.eval.sandbox import run_tests
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-FENCED = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.DOTALL)
+NUMBER = re.compile(r"(?<![\d.])-?\d[\d,]*(?:\.\d+)?")  # "3-4" ends in 4, not -4
+FENCED = re.compile(r"```[^\n]*\n(.*?)(?:```|$)", re.DOTALL)
 BULLET = re.compile(r"^\s*[-*] ", re.MULTILINE)
 
 
@@ -121,28 +121,56 @@ def load_tasks(path: str | Path) -> list[Task]:
     tasks = []
     for row in read_rows([str(path)]):
         fields = row.fields
-        if "prompt" not in fields or not isinstance(fields["prompt"], (str, list)):
-            raise UserError(f"{row.origin}: field 'prompt' is required (text or a list of messages)")
+        prompt = fields.get("prompt")
+        if not (isinstance(prompt, str) and prompt) and not (
+                isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                            for m in prompt)):
+            raise UserError(f"{row.origin}: field 'prompt' is required (text or a list of role/content messages)")
         kinds = [k for k in ("answer", "tests", "checks") if k in fields]
         if len(kinds) != 1:
             raise UserError(f"{row.origin}: a row needs exactly one of 'answer' (math), 'tests' (code) or "
                             f"'checks' (general), got {', '.join(kinds) or 'none'}")
         scorer = {"answer": "math", "tests": "code", "checks": "general"}[kinds[0]]
         expected = fields[kinds[0]]
+        if scorer == "math" and final_number(str(expected)) is None:
+            raise UserError(f"{row.origin}: field 'answer' must hold a number, got {expected!r}")
         if scorer == "code" and not isinstance(expected, str):
             raise UserError(f"{row.origin}: field 'tests' must be Python source (assert statements)")
         if scorer == "general":
             _check_checks(expected, row.origin)
-        tasks.append(Task(fields["prompt"], scorer, expected, row.origin, float(fields.get("timeout", 5.0))))
+        tasks.append(Task(prompt, scorer, expected, row.origin, _timeout(fields, row.origin)))
     return tasks
 
 
+CHECK_VALUES = {  # what each check's value must be (None: it takes none)
+    "include": "words", "exclude": "words", "max_words": "count", "min_words": "count", "bullets": "count",
+    "starts_with": "text", "ends_with": "text", "uppercase": None, "lowercase": None, "json": None,
+    "no_comma": None,
+}
+
+
 def _check_checks(checks: Any, origin: str) -> None:
-    if not isinstance(checks, list) or not all(isinstance(c, dict) and "type" in c for c in checks):
-        raise UserError(f"{origin}: field 'checks' must be a list of {{\"type\": ..., \"value\": ...}}")
-    for check in checks:
-        if check["type"] not in CHECKS:
-            raise UserError(f"{origin}: field 'checks': unknown type '{check['type']}' (one of {', '.join(CHECKS)})")
+    if not isinstance(checks, list) or not checks:
+        raise UserError(f"{origin}: field 'checks' must be a non-empty list of {{\"type\": ..., \"value\": ...}}")
+    for j, check in enumerate(checks):
+        kind = check.get("type") if isinstance(check, dict) else None
+        if not isinstance(kind, str) or kind not in CHECKS:
+            raise UserError(f"{origin}: checks[{j}]: 'type' must be one of {', '.join(CHECKS)}, got {kind!r}")
+        value, wanted = check.get("value"), CHECK_VALUES[kind]
+        valid = {"words": isinstance(value, str) or (isinstance(value, list) and value
+                                                    and all(isinstance(w, str) for w in value)),
+                 "count": isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                 "text": isinstance(value, str), None: True}[wanted]
+        if not valid:
+            need = {"words": "a word or a list of words", "count": "a whole number >= 0", "text": "text"}[wanted]
+            raise UserError(f"{origin}: checks[{j}] ({kind}): 'value' must be {need}, got {value!r}")
+
+
+def _timeout(fields: dict, origin: str) -> float:
+    value = fields.get("timeout", 5.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 3600:
+        raise UserError(f"{origin}: field 'timeout' must be seconds between 0 and 3600, got {value!r}")
+    return float(value)
 
 
 def evaluate_sets(model, tokenizer, sets: dict[str, str], max_new_tokens: int = 256, batch_size: int = 16,
