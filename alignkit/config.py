@@ -293,6 +293,9 @@ def coerce(config_cls: type, name: str, value: Any, where: str) -> Any:
     if kind is str:
         if isinstance(value, (str, Path)):
             return str(value)
+        choices = fields_of(config_cls)[name].metadata.get("choices", [])
+        if isinstance(value, bool) and "on" in choices:  # YAML 1.1 reads on/off (and true/false) as booleans
+            return "on" if value else "off"
         raise bad
     if typing.get_origin(kind) is list:
         item_kind = typing.get_args(kind)[0]
@@ -393,6 +396,9 @@ def validate(config: Any) -> None:
         return
     if not config.data:
         raise UserError("no training data: set 'data' (--data FILE [FILE ...])")
+    from alignkit.data.mixture import check_amounts
+
+    check_amounts(config.data, config.mix_total)
     if config.max_steps == 0 and config.epochs == 0:
         raise UserError("set 'epochs' or 'max_steps' above 0: there is nothing to train")
     if config.report_to:  # a missing tracker package stops the run before anything is loaded

@@ -31,7 +31,7 @@ def test_entries_keep_plain_paths_and_parse_amounts_from_yaml_or_flags():
     ("a.jsonl@count=2.5", "'count' must be an integer"),
     ("a.jsonl@fraction=1.5", "'fraction' must be in [0, 1]"),
     ("a.jsonl@weight=0", "'weight' must be > 0"),
-    ("a.jsonl@count", "should be KEY=VALUE"),
+    ("a.jsonl@count=5,fraction", "should be KEY=VALUE"),
 ])
 def test_bad_entries_name_the_position_and_the_field(entry, message):
     with pytest.raises(UserError) as err:
@@ -104,3 +104,32 @@ def test_the_command_line_takes_amounts_and_refuses_bad_ones_in_one_line(tmp_pat
     assert main([*common, "--data", f"{data}@count=2", "--output-dir", str(tmp_path / "b")]) == 0
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["sources"][0]["used"] == 2
+
+
+def test_inserting_a_source_before_another_leaves_its_rows_alone():
+    a, b = list(range(100)), list(range(100, 200))
+    alone, _ = mix([b], [Source("b", count=10)], 0, seed=1)
+    after_a, _ = mix([a, b], [Source("a", count=5), Source("b", count=10)], 0, seed=1)
+    assert after_a[5:] == alone
+
+
+def test_paths_with_at_signs_and_fractions_that_cannot_be_numbers():
+    assert normalise_entries(["runs/user@host/a.jsonl", "x@y/b.jsonl@count=2"], "cfg") == [
+        "runs/user@host/a.jsonl", {"path": "x@y/b.jsonl", "count": 2}]
+    with pytest.raises(UserError, match=r"'fraction' must be a number, got '1/0'"):
+        normalise_entries(["a.jsonl@fraction=1/0"], "cfg")
+
+
+def test_weights_and_mix_total_are_checked_when_the_config_is_read(tmp_path):
+    with pytest.raises(UserError, match="set 'mix_total'"):
+        make_sft_config(data=["a.jsonl@weight=1"])
+    with pytest.raises(UserError, match="no source has one"):
+        make_sft_config(data=["a.jsonl"], mix_total=10)
+
+
+def test_yaml_on_and_off_read_as_booleans_still_mean_on_and_off(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data: [a.jsonl]\nactivation_checkpointing: on\n")
+    assert make_sft_config(str(config)).activation_checkpointing == "on"
+    config.write_text("data: [a.jsonl]\nactivation_checkpointing: off\n")
+    assert make_sft_config(str(config)).activation_checkpointing == "off"

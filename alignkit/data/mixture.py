@@ -12,8 +12,8 @@ A source is written in YAML as a path or a mapping, and on the command line as `
     mix_total: 3000
 
 `replace: true` lets a source give more rows than it holds: it is repeated whole as often as fits and the rest
-is drawn without replacement (upsampling). Every draw is seeded by (seed, source position, path), so a source's
-rows do not change when another source is added or resized.
+is drawn without replacement (upsampling). Every draw is seeded by (seed, path, how many earlier sources name the
+same path), so a source's rows do not change when another source is added, removed, moved or resized.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def _normalise_entry(item: Any, where: str) -> str | dict:
     if isinstance(item, Path):
         item = str(item)
     if isinstance(item, str):
-        path, _, spec = item.partition("@")
-        if not spec:
+        path, _, spec = item.rpartition("@")
+        if not path or "=" not in spec:  # no amount: a plain path (which may hold an @ of its own)
             return item
         item = {"path": path, **_parse_spec(spec, where)}
     if not isinstance(item, dict):
@@ -108,7 +108,7 @@ def _as_number(value: Any, kind: type, where: str) -> Any:
         raise UserError(f"{where} must be a number, got {value!r}")
     try:
         number = _fraction_text(value) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ZeroDivisionError):
         raise UserError(f"{where} must be a number, got {value!r}") from None
     if not math.isfinite(number) or (kind is int and not number.is_integer()):
         raise UserError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
@@ -184,9 +184,32 @@ def draw(rows: list, want: int, rng: random.Random) -> list:
 def mix(row_lists: list[list], sources: list[Source], total: int, seed: int) -> tuple[list, list[list]]:
     """All drawn rows (source by source) and each source's drawn rows."""
     counts = planned_counts(sources, [len(rows) for rows in row_lists], total)
-    drawn = [draw(rows, want, random.Random(f"{seed}/{i}/{source.path}"))
+    drawn = [draw(rows, want, random.Random(f"{seed}/{source.path}/{_repeat(sources, i)}"))
              for i, (rows, want, source) in enumerate(zip(row_lists, counts, sources, strict=True))]
     return [row for rows in drawn for row in rows], drawn
+
+
+def _repeat(sources: list[Source], i: int) -> int:
+    """How many sources before the i-th name the same path (a file may be listed twice on purpose)."""
+    return sum(1 for s in sources[:i] if s.path == sources[i].path)
+
+
+def check_amounts(entries: list[str | dict], total: int) -> None:
+    """What can be known before any row is read: weights need a total, a total needs weights."""
+    weighted = any(s.weight is not None for s in sources_of(entries))
+    if weighted and total <= 0:
+        raise UserError("a data source has a 'weight': set 'mix_total', the rows the weighted sources share")
+    if total > 0 and not weighted:
+        raise UserError("'mix_total' is shared by sources with a 'weight', and no source has one")
+
+
+def log_mixture(sources: list[dict], unit: str) -> None:
+    """One log line, when the mixture is more than every row of one source."""
+    from alignkit.models.embedded import log
+
+    if len(sources) > 1 or sources[0]["used"] != sources[0]["available"]:
+        log("data mixture: " + "; ".join(f"{s['path']} {s['used']}/{s['available']} {unit} ({s['amount']})"
+                                         for s in sources))
 
 
 def load_mixture(entries: list[str | dict], total: int, seed: int, load_source, count_tokens

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 
 from alignkit.config import REFERENCE_FREE, DPOConfig, save_yaml
 from alignkit.data.batches import micro_batches
-from alignkit.data.mixture import load_mixture
+from alignkit.data.mixture import load_mixture, log_mixture
 from alignkit.data.prefs import PreferenceRow, tokenize_preferences
 from alignkit.data.sources import file_fingerprint, read_rows
 from alignkit.data.tokenize import trained_label_count
@@ -96,9 +96,7 @@ def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[list[
         lambda path: load_pairs([path], tokenizer, template, cfg.max_length, cfg.on_bad_row), pair_tokens)
     stats = {name: sum((part[name] for part in source_stats), [] if isinstance(value, list) else 0)
              for name, value in source_stats[0].items()}
-    if len(sources) > 1 or sources[0]["used"] != sources[0]["available"]:
-        log("data mixture: " + "; ".join(f"{s['path']} {s['used']}/{s['available']} pairs ({s['amount']})"
-                                         for s in sources))
+    log_mixture(sources, "pairs")
     return pairs, stats, sources
 
 

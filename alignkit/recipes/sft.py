@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from alignkit.config import SFTConfig, save_yaml
 from alignkit.data.batches import micro_batches
-from alignkit.data.mixture import load_mixture
+from alignkit.data.mixture import load_mixture, log_mixture
 from alignkit.data.packing import sft_units
 from alignkit.data.sft_dataset import load_sft_rows
 from alignkit.data.tokenize import TokenizedRow, merge_stats, trained_label_count
@@ -70,9 +70,7 @@ def load_data(cfg: SFTConfig, tokenizer, template: str):
     if stats.dropped:
         shown = ", ".join(stats.dropped_origins[:3])
         log(f"dropped {stats.dropped} rows whose prompt alone fills max_length={cfg.max_length} (e.g. {shown})")
-    if len(sources) > 1 or sources[0]["used"] != sources[0]["available"]:
-        log("data mixture: " + "; ".join(f"{s['path']} {s['used']}/{s['available']} rows ({s['amount']})"
-                                         for s in sources))
+    log_mixture(sources, "rows")
     return train, eval_rows, stats, sources
 
 
