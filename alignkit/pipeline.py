@@ -11,9 +11,10 @@ A plan (see docs/data-mixtures.md):
       - {name: specialists, method: sft, data: [math.jsonl, code.jsonl]}
       - {name: general, method: sft, data: [general.jsonl, {path: math.jsonl, fraction: 1/256}]}
 
-Every stage's config is checked, and every data and evaluation file read, before the first stage trains.
-`--resume` skips finished stages (their saved config must equal the plan's) and resumes the unfinished one
-from its newest checkpoint. `pipeline.json` and `abilities.md` sum up the stages.
+Every stage's config is checked, every data file found and every evaluation file read before the first stage
+trains. `--resume` skips finished stages (their saved config must equal the plan's) and resumes the unfinished
+one from its newest checkpoint; the stages after a stage that trained again train again. `pipeline.json` and
+`abilities.md` sum up the stages.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def read_plan(cfg) -> tuple[dict, Path, list[Stage]]:
             raise UserError(f"{where}: '{key}' must be a mapping")
     if "model" in (plan.get("defaults") or {}) or "output_dir" in (plan.get("defaults") or {}):
         raise UserError(f"{where}: 'defaults' cannot set model or output_dir (set the plan's own)")
+    if "model" in plan and not (isinstance(plan["model"], str) and plan["model"]):
+        raise UserError(f"{where}: 'model' must be a model folder, .gguf file or alias, got {plan['model']!r}")
+    tokens = plan.get("eval_max_new_tokens", 256)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise UserError(f"{where}: 'eval_max_new_tokens' must be a whole number > 0, got {tokens!r}")
+    if not isinstance(plan.get("eval_base", False), bool):
+        raise UserError(f"{where}: 'eval_base' must be true or false, got {plan['eval_base']!r}")
     out = Path(cfg.output_dir or plan.get("output_dir") or f"runs/pipeline-{Path(cfg.plan).stem}")
     stages = [_stage(i, raw, plan, out, where) for i, raw in enumerate(plan["stages"])]
     names = [s.name for s in stages]
@@ -108,19 +116,21 @@ def run(cfg) -> dict:
     evals = {str(k): str(v) for k, v in (plan.get("evals") or {}).items()}
     for path in evals.values():
         load_tasks(path)  # a bad evaluation row stops the pipeline now, not after hours of training
-    _claim(out, cfg)
-    shutil.copyfile(cfg.plan, out / "plan.yaml")
+    _claim(out, cfg, Path(cfg.plan).read_text(encoding="utf-8"))
 
     report: dict[str, Any] = {"plan": str(cfg.plan), "output_dir": str(out), "stages": []}
     start_model = str(plan.get("model", "smollm2-135m-instruct"))
     if evals and plan.get("eval_base"):
         report["base"] = {"model": start_model,
                           "abilities": score_stage(start_model, out / "00-base", evals, plan)}
-    previous = None
+    previous, retrained = None, False
     for i, stage in enumerate(stages):
         values = {**stage.values, "model": stage.values["model"] or str(previous)}
         log(f"stage {i + 1}/{len(stages)}: {stage.name} ({stage.method}) from {values['model']}")
-        summary = run_stage(stage, values, cfg, f"{cfg.plan}: stages[{i}] ({stage.name})")
+        # once a stage trains, the stages that start from it have a new start model: none may be skipped
+        follows = stage.values["model"] is None
+        summary, trained = run_stage(stage, values, f"{cfg.plan}: stages[{i}] ({stage.name})", retrained and follows)
+        retrained = trained or (retrained and follows)
         previous = stage.folder / "final"
         entry = {"name": stage.name, "method": stage.method, "model": values["model"],
                  "output_dir": str(stage.folder), "final": str(previous),
@@ -137,27 +147,47 @@ def run(cfg) -> dict:
     return report
 
 
-def _claim(out: Path, cfg) -> None:
-    if out.exists() and any(out.iterdir()) and not (cfg.resume or cfg.overwrite):
+PIPELINE_FILES = ("plan.yaml", "pipeline.json", "abilities.md")
+STAGE_FOLDER = re.compile(r"\d\d-.+")
+
+
+def _claim(out: Path, cfg, plan_text: str) -> None:
+    """Create or reuse the pipeline folder; --overwrite deletes only what a pipeline writes there."""
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues a pipeline and --overwrite replaces it: give one of them")
+    holds = out.is_dir() and any(out.iterdir())
+    if holds and not (out / "plan.yaml").is_file():
+        raise UserError(f"{out}: holds files but no pipeline (no plan.yaml): choose another output_dir")
+    if holds and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out}: already holds a pipeline; pass --resume to continue it or --overwrite to replace it")
-    if cfg.overwrite and not cfg.resume and out.exists():
-        shutil.rmtree(out)
+    if holds and cfg.overwrite:
+        for child in out.iterdir():
+            if child.is_dir() and STAGE_FOLDER.fullmatch(child.name):
+                shutil.rmtree(child)
+            elif child.name in PIPELINE_FILES:
+                child.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.yaml").write_text(plan_text, encoding="utf-8")  # read before: the plan may be this very file
 
 
-def run_stage(stage: Stage, values: dict, cfg, where: str) -> dict:
-    """Train one stage, skip it when it finished before with the same config, or resume it."""
+def run_stage(stage: Stage, values: dict, where: str, after_retrained: bool) -> tuple[dict, bool]:
+    """(summary, whether it trained): skipped when it finished before with the same config and the stages
+    before it were not trained again; resumed when it started; trained afresh otherwise."""
     from alignkit.recipes import dpo, sft
 
     config = build_config(METHODS[stage.method], values, where)
     done = stage.folder / "summary.json"
-    if done.is_file():
+    if (stage.folder / "config.yaml").is_file() and not after_retrained:
         _same_config(stage.folder, config)
-        log(f"{stage.folder}: finished before, skipped")
-        return json.loads(done.read_text())
-    started = stage.folder.exists() and any(stage.folder.iterdir())
-    config.resume = started
-    return (sft if stage.method == "sft" else dpo).run(config)
+        if done.is_file():
+            log(f"{stage.folder}: finished before, skipped")
+            return json.loads(done.read_text()), False
+        config.resume = True
+    elif stage.folder.is_dir() and any(stage.folder.iterdir()):
+        if after_retrained:
+            log(f"{stage.folder}: trained again, as the stage before it was")
+        config.overwrite = True
+    return (sft if stage.method == "sft" else dpo).run(config), True
 
 
 def _same_config(folder: Path, config) -> None:
@@ -166,23 +196,30 @@ def _same_config(folder: Path, config) -> None:
     changed = [k for k, v in now.items() if saved.get(k) != v]
     if changed:
         key = changed[0]
-        raise UserError(f"{folder}: finished with {key}: {saved.get(key)!r}, the plan now says {now[key]!r}; "
+        raise UserError(f"{folder}: was run with {key}: {saved.get(key)!r}, the plan now says {now[key]!r}; "
                         "run with --overwrite to start the pipeline again")
 
 
 def score_stage(model: str, folder: Path, evals: dict[str, str], plan: dict) -> dict[str, float]:
-    """Ability scores of a stage's model, kept in FOLDER/abilities.json (reused on --resume)."""
+    """Ability scores of a stage's model, kept in FOLDER/abilities.json; reused only while the model's files,
+    the evaluation files and the reply length are what they were."""
+    from alignkit.data.sources import file_fingerprint
     from alignkit.eval.abilities import evaluate_sets
     from alignkit.models.load import load_model, load_tokenizer, resolve_model
 
-    saved = folder / "abilities.json"
-    if saved.is_file() and set(json.loads(saved.read_text())) == set(evals):
-        return {k: v["score"] for k, v in json.loads(saved.read_text()).items()}
-    folder.mkdir(parents=True, exist_ok=True)
     path = resolve_model(model)
-    scored = evaluate_sets(load_model(path).eval(), load_tokenizer(path), evals,
-                           int(plan.get("eval_max_new_tokens", 256)), samples_file=folder / "abilities-samples.jsonl")
-    _write_json(saved, scored)
+    max_new_tokens = int(plan.get("eval_max_new_tokens", 256))
+    inputs = {"model": model, "model_files": file_fingerprint([str(path)]), "max_new_tokens": max_new_tokens,
+              "sets": {name: file_fingerprint([file]) for name, file in evals.items()}}
+    saved = folder / "abilities.json"
+    if saved.is_file():
+        stored = json.loads(saved.read_text())
+        if stored.get("inputs") == inputs:
+            return {name: result["score"] for name, result in stored["results"].items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    scored = evaluate_sets(load_model(path).eval(), load_tokenizer(path), evals, max_new_tokens,
+                           samples_file=folder / "abilities-samples.jsonl")
+    _write_json(saved, {"inputs": inputs, "results": scored})
     return {name: result["score"] for name, result in scored.items()}
 
 

@@ -92,7 +92,7 @@ def test_resume_skips_finished_stages_and_refuses_a_changed_plan(tmp_path, tiny_
     stages[0]["max_steps"] = 3
     changed = write_plan(tmp_path, model=str(tiny_model_dir), stages=stages)
     assert main(["pipeline", changed, "--resume"]) == 2
-    assert "01-one: finished with max_steps: 2, the plan now says 3; run with --overwrite" in capsys.readouterr().err
+    assert "01-one: was run with max_steps: 2, the plan now says 3; run with --overwrite" in capsys.readouterr().err
 
 
 def test_abilities_are_scored_for_the_base_and_after_every_stage(tmp_path, tiny_model_dir):
@@ -145,3 +145,41 @@ def test_the_shipped_strategy_plans_pass_every_check(name, monkeypatch):
     if name == "dmt":
         fractions = [entry.get("fraction") for entry in stages[1].values["data"] if isinstance(entry, dict)]
         assert fractions == ["1/16", "1/16"]
+
+
+def test_overwrite_deletes_only_what_a_pipeline_wrote_and_a_plan_inside_its_folder_resumes(tmp_path, tiny_model_dir,
+                                                                                            capsys):
+    data = write_jsonl(tmp_path / "rows.jsonl", sft_rows("x", 4))
+    out = tmp_path / "pipe"
+    plan = write_plan(tmp_path, model=str(tiny_model_dir),
+                      stages=[{"name": "one", "method": "sft", "data": [str(data)], "max_steps": 1}])
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["pipeline", plan]) == 2
+    assert "holds files but no pipeline (no plan.yaml)" in capsys.readouterr().err
+    (out / "notes.txt").unlink()
+    assert main(["pipeline", plan]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["pipeline", str(out / "plan.yaml"), "--resume"]) == 0  # the copy in the folder is the plan
+    assert main(["pipeline", plan, "--resume", "--overwrite"]) == 2
+    assert main(["pipeline", plan, "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "01-one" / "summary.json").is_file()
+
+
+def test_a_stage_trained_again_makes_the_stages_after_it_train_again(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "rows.jsonl", sft_rows("x", 4))
+    general = write_jsonl(tmp_path / "general.jsonl", [{"prompt": "p", "checks": [{"type": "max_words", "value": 9}]}])
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), evals={"general": str(general)}, eval_max_new_tokens=2,
+                      stages=[{"name": "one", "method": "sft", "data": [str(data)], "max_steps": 1},
+                              {"name": "two", "method": "sft", "data": [str(data)], "max_steps": 1}])
+    assert main(["pipeline", plan]) == 0
+    out = tmp_path / "pipe"
+    two = (out / "02-two" / "final" / "model.safetensors").stat().st_mtime_ns
+    scored = (out / "02-two" / "abilities.json").stat().st_mtime_ns
+    assert main(["pipeline", plan, "--resume"]) == 0  # nothing changed: nothing trains, nothing is scored again
+    assert (out / "02-two" / "abilities.json").stat().st_mtime_ns == scored
+    (out / "01-one" / "summary.json").unlink()  # stage one as if it had stopped before writing its summary
+    assert main(["pipeline", plan, "--resume"]) == 0
+    assert "02-two: trained again, as the stage before it was" in capsys.readouterr().err
+    assert (out / "02-two" / "final" / "model.safetensors").stat().st_mtime_ns != two
+    assert (out / "02-two" / "abilities.json").stat().st_mtime_ns != scored  # a new model is scored again
