@@ -192,8 +192,10 @@ def run_stage(stage: Stage, values: dict, where: str, after_retrained: bool) -> 
 
 def _same_config(folder: Path, config) -> None:
     saved = yaml.safe_load((folder / "config.yaml").read_text())
+    defaults = to_dict(type(config)())
     now = {k: v for k, v in to_dict(config).items() if k not in ("resume", "overwrite")}
-    changed = [k for k, v in now.items() if saved.get(k) != v]
+    # a field added by a newer alignkit, at its default, changes nothing about the run that was saved
+    changed = [k for k, v in now.items() if saved.get(k, defaults[k]) != v]
     if changed:
         key = changed[0]
         raise UserError(f"{folder}: was run with {key}: {saved.get(key)!r}, the plan now says {now[key]!r}; "

@@ -65,3 +65,16 @@ def test_auto_decides_from_the_free_memory(tmp_path, tiny_model_dir, monkeypatch
                                             save_steps=0, output_dir=str(tmp_path / "out")))
     assert f"activation checkpointing {expected}" in capsys.readouterr().err
     assert all(checkpointed_layers(model)) == (expected == "every layer")
+
+
+def test_the_largest_forward_pass_follows_the_layout():
+    import torch
+
+    from alignkit.data.tokenize import TokenizedRow
+
+    rows = [TokenizedRow([1] * n, [1] * n, "r") for n in (10, 40)]
+    cpu = torch.device("cpu")
+    sizes = {layout: sft.longest_forward(rows, make_sft_config(data=["a.jsonl"], layout=layout, batch_size=4,
+                                                               max_length=64), cpu)
+             for layout in ("per_sequence", "padded", "packed")}
+    assert sizes == {"per_sequence": 40, "padded": 160, "packed": 256}

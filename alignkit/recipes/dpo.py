@@ -309,7 +309,8 @@ def train(cfg: DPOConfig):
     # a frozen copy as reference is still to be loaded: its fp32 weights count against the same memory
     reference_bytes = 4.0 * sum(p.numel() for p in model.parameters()) if reference_kind(cfg) == "copy" else 0.0
     recompute = checkpointing.configure(model, cfg.activation_checkpointing, longest_forward(train_pairs, cfg),
-                                        accelerator.device, reference_bytes)
+                                        accelerator.device, half=accelerator.mixed_precision == "bf16" or
+                                        cfg.dtype == "bf16", extra_bytes=reference_bytes)
     claim_output_dir(cfg, out, is_main)
     if is_main:
         save_yaml(cfg, out / "config.yaml")

@@ -87,7 +87,8 @@ def longest_forward(rows: list[TokenizedRow], cfg: SFTConfig, device: torch.devi
     """Tokens in the largest forward pass the layout makes (what activation memory scales with)."""
     longest = max(len(r.input_ids) for r in rows)
     layout = resolve_layout(cfg.layout, device)
-    return {"packed": cfg.max_length, "padded": cfg.batch_size * longest}.get(layout, longest)
+    return {"packed": cfg.batch_size * max(cfg.max_length, longest),  # up to a bin per row
+            "padded": cfg.batch_size * longest}.get(layout, longest)
 
 
 def unit_logps(model, unit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +171,8 @@ def train(cfg: SFTConfig):
     train_rows, eval_rows, stats, sources = load_data(cfg, tokenizer, template)
     model = build_policy(cfg, model_path, checkpoint)
     recompute = checkpointing.configure(model, cfg.activation_checkpointing,
-                                        longest_forward(train_rows, cfg, accelerator.device), accelerator.device)
+                                        longest_forward(train_rows, cfg, accelerator.device), accelerator.device,
+                                        half=accelerator.mixed_precision == "bf16" or cfg.dtype == "bf16")
     claim_output_dir(cfg, out, is_main)
     if is_main:
         save_yaml(cfg, out / "config.yaml")

@@ -3,11 +3,12 @@
 Checkpointing a decoder layer keeps only its input for the backward pass and recomputes the rest: about a
 third more compute for the checkpointed layers. `auto` estimates what training still has to allocate once the
 model is loaded: gradients and AdamW's two moments (4 + 8 bytes per trained parameter), what else the recipe
-still loads (DPO's frozen reference copy), and the activations of the largest forward pass (34 bytes per
-token, hidden unit and layer in 16-bit: Korthikanti et al. 2022, arXiv 2205.05198, without the attention-score
-term that fused attention never stores). It compares that with the memory free on the device (CUDA's free
-memory, or MemAvailable on the CPU) less a 10% margin. When the activations do not fit, it checkpoints every
-n-th layer for the largest n that fits, every layer at worst.
+still loads (DPO's frozen reference copy), on a GPU the weights still to be moved there, the activations of
+the largest forward pass (34 bytes per token, hidden unit and layer in 16-bit, twice that in fp32: Korthikanti
+et al. 2022, arXiv 2205.05198, without the attention-score term that fused attention never stores) and the
+output head's chunk of fp32 logits (1,024 positions at a time). It compares that with the memory free on the
+device (CUDA's free memory, or MemAvailable on the CPU) less a 10% margin. When the activations do not fit, it
+checkpoints every n-th layer for the largest n that fits, every layer at worst.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 
 from alignkit.errors import UserError
 
-ACTIVATION_BYTES = 34  # per token × hidden unit × layer, 16-bit activations
+ACTIVATION_BYTES = 34  # per token × hidden unit × layer, 16-bit activations; twice that in fp32
 MARGIN = 0.9
+HEAD_CHUNK = 1024  # positions whose logits exist at once (alignkit.losses.logprobs): fp32 logits, softmax, grad
 
 
 def free_memory(device: torch.device) -> float:
@@ -37,20 +39,20 @@ def layers_and_width(model) -> tuple[int, int]:
     return int(getattr(config, "num_hidden_layers", 1)), int(getattr(config, "hidden_size", 1))
 
 
-def every_n_layers(state_bytes: float, activation_bytes: float, free: float) -> int | None:
+def every_n_layers(state_bytes: float, activation_bytes: float, free: float, layers: int = 8) -> int | None:
     """None when everything fits without checkpointing; else n for checkpointing every n-th layer (1: all)."""
     budget = MARGIN * free - state_bytes
     if activation_bytes <= budget:
         return None
     # checkpointing one layer in n keeps (1 - 1/n) of the activations
-    for n in range(8, 1, -1):
+    for n in range(min(8, layers), 1, -1):
         if activation_bytes * (1 - 1 / n) <= budget:
             return n
     return 1
 
 
-def configure(model, setting: str, longest_forward_tokens: int, device: torch.device, extra_bytes: float = 0.0
-              ) -> str:
+def configure(model, setting: str, longest_forward_tokens: int, device: torch.device, half: bool,
+              extra_bytes: float = 0.0) -> str:
     """Turn checkpointing on as `setting` (auto, on, off) says; returns what was decided, for the log."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if setting == "off":
@@ -63,9 +65,13 @@ def configure(model, setting: str, longest_forward_tokens: int, device: torch.de
         n = 1
     else:
         layers, width = layers_and_width(base)
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        activations = ACTIVATION_BYTES * longest_forward_tokens * width * layers
-        n = every_n_layers(12.0 * trained + extra_bytes, activations, free_memory(device))
+        params = list(model.parameters())
+        trained = sum(p.numel() for p in params if p.requires_grad)
+        # on a GPU the weights are still on the CPU here: they will take device memory too
+        weights = sum(p.numel() * p.element_size() for p in params) if params[0].device.type != device.type else 0
+        head = 3 * 4 * HEAD_CHUNK * int(getattr(base.config, "vocab_size", 0))
+        activations = ACTIVATION_BYTES * (1 if half else 2) * longest_forward_tokens * width * layers + head
+        n = every_n_layers(12.0 * trained + weights + extra_bytes, activations, free_memory(device), layers)
         if n is None:
             return "off (activations fit in memory)"
     base.activation_checkpointing_enable(every_n_layers=n)
