@@ -6,8 +6,9 @@
   (assert statements run against the reply).
 - general: instructions with checkable constraints (capitals, bullet counts, word limits, no commas, a required
   word, JSON); eval rows carry `checks`.
-Training and eval rows come from the same families; a stable hash of the prompt puts one prompt in five in
-evaluation only, so the scores measure what the training taught, not what it memorised.
+Math and code training and eval rows come from the same families; a stable hash of the prompt puts one prompt in
+five in evaluation only, so the scores measure what the training taught, not what it memorised. General eval rows
+ask for the same six kinds of constraint in phrasings training never uses, the kinds in turn.
 
     python experiments/dmt_data.py     # writes examples/data/dmt/{math,code,general}.jsonl and eval_*.jsonl
 """
@@ -170,13 +171,56 @@ def held_out(prompt: str) -> bool:
 def make_split(ability: str, rows: int, seed: int, train: bool) -> list[dict]:
     """Training rows (prompt, completion) or eval rows (prompt and the field its scorer needs)."""
     rng = random.Random(f"{ability}/{seed}/{'train' if train else 'eval'}")
-    made: list[dict] = []
+    made = _general_eval_rows(rng, rows) if ability == "general" and not train else []
     while len(made) < rows:
         row = MAKERS[ability](rng)
         if held_out(row["prompt"]) != train:
             made.append(row)
     keep = ("prompt", "completion") if train else ("prompt", SCORED[ability])
     return [{k: row[k] for k in keep} for row in made]
+
+
+# Evaluation asks for the same kinds of constraint in words training never used, stratified by kind.
+EVAL_PHRASINGS = {
+    "uppercase": ["Using only capital letters, write a sentence about {topic}.",
+                  "Answer in ALL CAPS: say one thing about {topic}."],
+    "bullets": ["Give me {n} bullet points about {topic}.",
+                "Write {n} short points on {topic}, each on its own line starting with '- '."],
+    "max_words": ["In no more than {limit} words, tell me about {topic}.",
+                  "Say something about {topic} using {limit} words or fewer."],
+    "no_comma": ["Tell me about {topic} in two sentences, and do not use a single comma.",
+                 "Write two sentences on {topic}; commas are not allowed."],
+    "include": ["Say something about {topic} and include the word '{word}'.",
+                "Write one sentence on {topic} containing the word '{word}'."],
+    "json": ["Describe {name}, aged {age}, as a JSON object with keys name and age. Output only the JSON.",
+             "Output a JSON object for a person named {name} who is {age} years old (keys: name, age)."],
+}
+
+
+def _general_eval_row(rng: random.Random, kind: str) -> dict:
+    values = {"topic": rng.choice(list(TOPICS)), "n": rng.randint(2, 3), "limit": rng.randint(6, 9),
+              "word": rng.choice(["today", "always", "quietly", "again", "together"]), "name": rng.choice(NAMES),
+              "age": rng.randint(18, 80)}
+    checks = {"uppercase": [{"type": "uppercase"}], "bullets": [{"type": "bullets", "value": values["n"]}],
+              "max_words": [{"type": "max_words", "value": values["limit"]}],
+              "no_comma": [{"type": "no_comma"}, {"type": "min_words", "value": 6}],
+              "include": [{"type": "include", "value": [values["word"]]}],
+              "json": [{"type": "json"}, {"type": "include", "value": [values["name"], str(values["age"])]}]}[kind]
+    return {"prompt": rng.choice(EVAL_PHRASINGS[kind]).format(**values), "checks": checks}
+
+
+def _general_eval_rows(rng: random.Random, rows: int) -> list[dict]:
+    """Held-out general rows: each kind of constraint in turn, each prompt once."""
+    made: list[dict] = []
+    seen: set[str] = set()
+    for _ in range(100 * rows):
+        if len(made) == rows:
+            break
+        row = _general_eval_row(rng, sorted(EVAL_PHRASINGS)[len(made) % len(EVAL_PHRASINGS)])
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            made.append(row)
+    return made
 
 
 def write_all(folder: Path, train_rows: int, eval_rows: int, seed: int) -> dict[str, Path]:
@@ -186,8 +230,10 @@ def write_all(folder: Path, train_rows: int, eval_rows: int, seed: int) -> dict[
     for ability in MAKERS:
         for name, rows, train in ((ability, train_rows, True), (f"eval_{ability}", eval_rows, False)):
             paths[name] = folder / f"{name}.jsonl"
-            lines = [json.dumps(row) for row in make_split(ability, rows, seed, train)]
-            paths[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+            text = "\n".join(json.dumps(row) for row in make_split(ability, rows, seed, train)) + "\n"
+            # rewritten only when it changes: an unchanged file keeps the caches and saved scores that name it
+            if not paths[name].is_file() or paths[name].read_text(encoding="utf-8") != text:
+                paths[name].write_text(text, encoding="utf-8")
     return paths
 
 

@@ -31,3 +31,11 @@ def test_splits_are_seeded_and_eval_prompts_differ_from_training_prompts(tmp_pat
         train = {row["prompt"] for row in make_split(ability, 200, 0, True)}
         held_out = make_split(ability, 20, 0, False)
         assert not any(row["prompt"] in train for row in held_out)
+
+
+def test_general_evaluation_takes_every_kind_of_constraint_in_turn_each_prompt_once():
+    rows = make_split("general", 24, 0, False)
+    kinds = [row["checks"][0]["type"] for row in rows]
+    assert sorted(set(kinds)) == ["bullets", "include", "json", "max_words", "no_comma", "uppercase"]
+    assert all(kinds.count(kind) == 4 for kind in set(kinds))
+    assert len({row["prompt"] for row in rows}) == 24
