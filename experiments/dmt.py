@@ -12,6 +12,9 @@ Writes OUTPUT_DIR/table.md (the shape of the paper's Table 1), results.json and 
 
     python experiments/dmt.py --quick                 # a smoke test: minutes
     python experiments/dmt.py --output-dir runs/dmt   # the measured run in docs/data-mixtures.md
+
+Running the same command again continues where it stopped (finished stages are kept); delete the output folder
+to start over.
 """
 
 from __future__ import annotations
@@ -112,7 +115,8 @@ def results_table(results: dict) -> str:
         if strategy.startswith("_"):
             continue
         scores = [result["final"][a] for a in ABILITIES]
-        lines.append(f"| {strategy} | " + " | ".join(f"{s:.3f}" for s in scores) + f" | {sum(scores) / 3:.3f} |")
+        mean = sum(scores) / len(scores)
+        lines.append(f"| {strategy} | " + " | ".join(f"{s:.3f}" for s in scores) + f" | {mean:.3f} |")
     return "\n".join(lines) + "\n"
 
 

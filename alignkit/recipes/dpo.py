@@ -372,9 +372,9 @@ def train(cfg: DPOConfig):
                        "grad_norm": last["grad_norm"], "elapsed_s": round(time.time() - train_start, 2)}
                 if metrics:
                     metrics.write(row)
-                progress.set_postfix(loss=f"{row['loss'] or float('nan'):.4f}",
-                                     acc=f"{row['rewards/accuracies'] or 0:.2f}",
-                                     margin=f"{row['rewards/margins'] or 0:.3f}", lr=f"{last['lr']:.1e}")
+                shown = {k: float("nan") if row.get(k) is None else row[k] for k in METRICS}
+                progress.set_postfix(loss=f"{shown['loss']:.4f}", acc=f"{shown['rewards/accuracies']:.2f}",
+                                     margin=f"{shown['rewards/margins']:.3f}", lr=f"{last['lr']:.1e}")
                 window = Window()
             if eval_pairs and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
                 eval_result = evaluate(model, reference, eval_pairs, cfg, pad_id, accelerator)

@@ -66,7 +66,8 @@ def load_data(cfg: SFTConfig, tokenizer, template: str):
     else:
         train, eval_rows = split_eval(train, cfg.eval_fraction, cfg.seed)
     if not train:
-        raise UserError("no training rows left after dropping rows whose prompt alone exceeds max_length")
+        raise UserError("no training rows: the data mixture drew none" if stats.rows else
+                        "no training rows left after dropping rows whose prompt alone exceeds max_length")
     if stats.dropped:
         shown = ", ".join(stats.dropped_origins[:3])
         log(f"dropped {stats.dropped} rows whose prompt alone fills max_length={cfg.max_length} (e.g. {shown})")
@@ -230,7 +231,7 @@ def train(cfg: SFTConfig):
                        "grad_norm": grad_norm, "elapsed_s": round(time.time() - train_start, 2)}
                 if metrics:
                     metrics.write(row)
-                progress.set_postfix(loss=f"{row['loss'] or float('nan'):.4f}", lr=f"{lr:.2e}",
+                progress.set_postfix(loss=f"{float('nan') if row['loss'] is None else row['loss']:.4f}", lr=f"{lr:.2e}",
                                      tok_s=f"{row['tokens_per_s']:.0f}")
                 window = Window()
             if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps):
