@@ -42,6 +42,7 @@ from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
     check_output_dir,
     claim_output_dir,
+    describe_tail,
     interrupt,
     load_inputs,
     make_accelerator,
@@ -193,12 +194,14 @@ def chosen_tokens(pairs: list[PreferenceRow]) -> int:
     return sum(sum(1 for label in p.chosen.labels[1:] if label != -100) for p in pairs)
 
 
-def train_step(model, reference, optimizer, scheduler, step_batches, cfg: DPOConfig, pad_id: int,
+def train_step(model, reference, optimizer, scheduler, step_batches, weight: float, cfg: DPOConfig, pad_id: int,
                accelerator: Accelerator, guard: NonFiniteGuard, step: int) -> dict:
-    """One optimizer step; a non-finite loss or gradient norm skips the update (see `training.guard`)."""
+    """One optimizer step; a non-finite loss or gradient norm skips the update (see `training.guard`).
+
+    `weight` 0 marks a filler pair (see `training.run.step_stream`): it runs the passes and counts for nothing."""
     device = accelerator.device
-    counts = torch.tensor([float(sum(len(b) for b in step_batches)),
-                           float(sum(chosen_tokens(b) for b in step_batches))], device=device)
+    counts = weight * torch.tensor([float(sum(len(b) for b in step_batches)),
+                                    float(sum(chosen_tokens(b) for b in step_batches))], device=device)
     step_pairs, step_chosen_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
     totals = {name: torch.zeros((), device=device) for name in METRICS}
     tokens = 0
@@ -210,11 +213,11 @@ def train_step(model, reference, optimizer, scheduler, step_batches, cfg: DPOCon
             loss, sums, n_tokens = batch_loss(model, reference, pairs, cfg, pad_id, step_pairs, step_chosen_tokens,
                                               device)
             # DDP averages gradients over processes; multiplying by their number restores the global sum.
-            accelerator.backward(loss * accelerator.num_processes)
-        totals["loss"] += loss.detach()
+            accelerator.backward(loss * weight * accelerator.num_processes)
+        totals["loss"] += weight * loss.detach()
         for name, value in sums.items():
-            totals[name] += value / step_pairs
-        tokens += n_tokens
+            totals[name] += weight * value / step_pairs
+        tokens += int(weight * n_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
@@ -306,6 +309,8 @@ def train(cfg: DPOConfig):
         f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, losses {'+'.join(cfg.loss_type)}, "
         f"beta {cfg.beta}, reference {reference.kind}, precision {accelerator.mixed_precision}, "
         f"layout {dpo_layout(cfg)}")
+    if tail := describe_tail(len(train_pairs), cfg.batch_size, world):
+        log(tail)
 
     stream = step_stream(train_pairs, cfg, state["epoch"], state["index"], rank, world)
     progress = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="dpo", unit="step",
@@ -317,10 +322,10 @@ def train(cfg: DPOConfig):
     guard = NonFiniteGuard(cfg.max_bad_steps)
     with StopOnSignal() as stop:
         while state["step"] < total_steps:
-            step_batches, epoch, index = next(stream)
+            step_batches, weight, epoch, index = next(stream)
             began = time.time()
-            last = train_step(model, reference, optimizer, scheduler, step_batches, cfg, pad_id, accelerator, guard,
-                              state["step"] + 1)
+            last = train_step(model, reference, optimizer, scheduler, step_batches, weight, cfg, pad_id, accelerator,
+                              guard, state["step"] + 1)
             seconds = time.time() - began
             state.update(step=state["step"] + 1, epoch=epoch, index=index, pairs=state["pairs"] + last["pairs"],
                          loss=last["loss"], tokens=state["tokens"] + last["tokens"],

@@ -34,6 +34,7 @@ from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
     check_output_dir,
     claim_output_dir,
+    describe_tail,
     interrupt,
     load_inputs,
     make_accelerator,
@@ -80,16 +81,18 @@ def unit_logps(model, unit) -> tuple[torch.Tensor, torch.Tensor]:
     return sums, counts
 
 
-def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow]], cfg: SFTConfig, pad_id: int,
-               accelerator: Accelerator, guard: NonFiniteGuard, step: int) -> tuple[float, int, float, float, bool]:
+def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow]], weight: float, cfg: SFTConfig,
+               pad_id: int, accelerator: Accelerator, guard: NonFiniteGuard,
+               step: int) -> tuple[float, int, float, float, bool]:
     """One optimizer step over its micro-batches: (summed NLL, trained tokens, grad norm, lr, applied), global.
 
     Each micro-batch is laid out as `cfg.layout` says; each forward pass is followed by its backward, so only
-    one pass's activations are alive. A step whose loss or gradient norm is not finite is not applied."""
+    one pass's activations are alive. A step whose loss or gradient norm is not finite is not applied. `weight`
+    0 marks a filler row (see `training.run.step_stream`): it runs the passes and counts for nothing."""
     device = accelerator.device
     layout = resolve_layout(cfg.layout, device)
     units = [u.to(device) for rows in step_batches for u in sft_units(rows, layout, pad_id, cfg.max_length)]
-    local_tokens = torch.tensor(float(sum(trained_label_count(rows) for rows in step_batches)), device=device)
+    local_tokens = torch.tensor(weight * sum(trained_label_count(rows) for rows in step_batches), device=device)
     step_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1)
     step_nll = torch.zeros((), device=device)
     for i, unit in enumerate(units):
@@ -97,9 +100,10 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             sums, _ = unit_logps(model, unit)
             # DDP averages gradients over processes; multiplying by their number restores the global sum.
-            loss = sft_loss(sums, torch.ones_like(sums, dtype=torch.bool), step_tokens) * accelerator.num_processes
+            trained = torch.ones_like(sums, dtype=torch.bool)
+            loss = sft_loss(sums * weight, trained, step_tokens) * accelerator.num_processes
             accelerator.backward(loss)
-        step_nll -= sums.detach().sum()
+        step_nll -= weight * sums.detach().sum()
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
                                                   float("inf")))
@@ -185,6 +189,8 @@ def train(cfg: SFTConfig):
         f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, "
         f"{trainable:,} trainable parameters, precision {accelerator.mixed_precision}, "
         f"layout {resolve_layout(cfg.layout, accelerator.device)}")
+    if tail := describe_tail(len(train_rows), cfg.batch_size, world):
+        log(tail)
 
     pad_id = tokenizer.pad_token_id
     stream = step_stream(train_rows, cfg, state["epoch"], state["index"], rank, world)
@@ -197,10 +203,10 @@ def train(cfg: SFTConfig):
     guard = NonFiniteGuard(cfg.max_bad_steps)
     with StopOnSignal() as stop:
         while state["step"] < total_steps:
-            step_batches, epoch, index = next(stream)
+            step_batches, weight, epoch, index = next(stream)
             step_began = time.time()
             step_nll, step_tokens, grad_norm, lr, applied = train_step(
-                model, optimizer, scheduler, step_batches, cfg, pad_id, accelerator, guard, state["step"] + 1)
+                model, optimizer, scheduler, step_batches, weight, cfg, pad_id, accelerator, guard, state["step"] + 1)
             last_loss = step_nll / step_tokens
             state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens,
                          loss=last_loss)

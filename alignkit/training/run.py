@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from alignkit.data.batches import micro_batches
+from alignkit.data.batches import micro_batches, tail_rows
 from alignkit.errors import Interrupted, RunError, UserError
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints")
@@ -98,14 +98,28 @@ def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
 
 
 def step_stream(rows: list, cfg, epoch: int, index: int, rank: int, world: int):
-    """Yield (micro-batches of one optimizer step, epoch, index after it), endlessly, from a saved position."""
+    """Yield (micro-batches of one step, loss weight, epoch, index after it), endlessly, from a saved position.
+
+    Empty micro-batches (this process's share of a short last global batch) are left out. A process left with
+    no row at all in a step must still run a forward and backward pass, since the others wait for its
+    gradients: it gets one real row with loss weight 0, which adds nothing to the loss, gradients or metrics."""
     while True:
         batches = micro_batches(rows, cfg.batch_size, cfg.seed, epoch, rank, world)
         while index < len(batches):
-            step_batches = batches[index:index + cfg.grad_accum]
-            index += len(step_batches)
-            yield step_batches, epoch, index
+            live = [b for b in batches[index:index + cfg.grad_accum] if b]
+            index = min(index + cfg.grad_accum, len(batches))
+            yield (live, 1.0, epoch, index) if live else ([rows[:1]], 0.0, epoch, index)
         epoch, index = epoch + 1, 0
+
+
+def describe_tail(num_rows: int, batch_size: int, world: int) -> str:
+    """The log line about an epoch's short last global batch, or '' when the rows divide evenly."""
+    tail = tail_rows(num_rows, batch_size, world)
+    if not tail:
+        return ""
+    return (f"{tail} rows of the last partial global batch of each epoch are trained as a smaller batch "
+            f"(split over {world} processes)" if world > 1 else
+            f"{tail} rows of the last partial batch of each epoch are trained as a smaller batch")
 
 
 def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
