@@ -51,3 +51,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     a, b = (load_file(tmp_path / d / "final" / weights) for d in ("one", "two"))
     # float sums in another order (all-reduce), amplified a little by Adam over 5 steps: 1.3e-5 measured
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_two_processes_resume_to_the_uninterrupted_trajectory(tmp_path, tiny_model_dir):
+    """Stopped after step 2 and resumed to step 4, each process continues from its own data position and RNG
+    state (LoRA dropout draws different masks on each process), so the losses equal an uninterrupted run's."""
+    rows = [{"prompt": f"Add {a} and {b}.", "completion": f"The answer is {a + b}."} for a, b in PAIRS]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--dtype", "fp32", "--lr", "1e-3",
+              "--batch-size", "2", "--grad-accum", "2", "--lora", "--lora-dropout", "0.3", "--save-steps", "2",
+              "--lr-scheduler", "constant"]
+    run([*common, "--output-dir", str(tmp_path / "whole"), "--max-steps", "4"], processes=2)
+    run([*common, "--output-dir", str(tmp_path / "parts"), "--max-steps", "2"], processes=2)
+    run([*common, "--output-dir", str(tmp_path / "parts"), "--max-steps", "4", "--resume"], processes=2)
+    whole, parts = metrics(tmp_path / "whole"), metrics(tmp_path / "parts")
+    assert [r["step"] for r in parts] == [1, 2, 3, 4]
+    for a, b in zip(whole, parts, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

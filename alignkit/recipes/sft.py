@@ -38,6 +38,7 @@ from alignkit.training.run import (
     interrupt,
     load_inputs,
     make_accelerator,
+    process_rngs,
     save_final,
     split_eval,
     step_stream,
@@ -175,7 +176,7 @@ def train(cfg: SFTConfig):
     # The data position (epoch, index of the next micro-batch) is what makes a resume continue mid-epoch.
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "step_seconds": 0.0}
     if checkpoint is not None:
-        state = load_training_state(checkpoint, optimizer, scheduler)
+        state = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)
         log(f"resuming from {checkpoint} (step {state['step']})")
         if state.get("total_steps", total_steps) != total_steps:
             log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
@@ -233,9 +234,10 @@ def train(cfg: SFTConfig):
             due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
             if (due and guard.in_a_row == 0) or stop.received:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
+                rngs = process_rngs(accelerator)
                 if is_main:
                     save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                    scheduler, state, cfg.save_total_limit)
+                                    scheduler, state, cfg.save_total_limit, rngs)
                 accelerator.wait_for_everyone()
             if stop.received:
                 progress.close()

@@ -140,6 +140,15 @@ def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
     return final
 
 
+def process_rngs(accelerator: Accelerator) -> list[dict]:
+    """Every process's RNG state, rank order, for the main process to save (called by all processes)."""
+    from accelerate.utils import gather_object
+
+    from alignkit.training.checkpoint import rng_state
+
+    return gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+
+
 def interrupt(stop, step: int, out: Path) -> Interrupted:
     """The exception that ends a run stopped by a signal, with how to continue it."""
     return Interrupted(f"stopped by {signal.Signals(stop.received).name} after step {step}; checkpoint saved in "
