@@ -63,6 +63,9 @@ class TrainConfig:
                       choices=["auto", "fp32", "bf16"])
     seed: int = _opt(42, "seed for data order, initialisation of LoRA weights and dropout")
     trust_remote_code: bool = _opt(False, "allow model code shipped inside the model folder to run")
+    strategy: str = _opt("auto", "with several processes: ddp (each holds the whole model), fsdp (FSDP2 full "
+                                 "shard through accelerate) or auto (fsdp when accelerate launch says so, else ddp)",
+                         choices=["auto", "ddp", "fsdp"])
     # Logging, evaluation, checkpoints
     logging_steps: int = _opt(1, "write a metrics.jsonl row every this many optimizer steps")
     eval_steps: int = _opt(0, "evaluate every this many steps (0: only at the end, when there is eval data)")

@@ -27,40 +27,53 @@ def metrics(folder) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["sft", "dpo"])
+SFT_ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"The answer is {a + b}."} for a, b in PAIRS]
+DPO_ROWS = [{"prompt": f"Add {a} and {b}.", "chosen": f"The answer is {a + b}.", "rejected": f"It is {a + b + 1}."}
+            for a, b in PAIRS]
+# (command, rows, flags, strategies): full SFT; DPO LoRA (the reference is the base under the adapter); full DPO
+# (the reference is a frozen copy: what FSDP does to it is new, under DDP it is an ordinary module)
+MODES = {"sft": ("sft", SFT_ROWS, ["--lr", "1e-3"], ("ddp", "fsdp")),
+         "dpo-lora": ("dpo", DPO_ROWS, ["--lr", "1e-2", "--lora", "--lora-dropout", "0"], ("ddp", "fsdp")),
+         "dpo-full": ("dpo", DPO_ROWS, ["--lr", "1e-3"], ("fsdp",))}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, mode):
-    if mode == "sft":
-        rows = [{"prompt": f"Add {a} and {b}.", "completion": f"The answer is {a + b}."} for a, b in PAIRS]
-        extra = ["--lr", "1e-3"]
-    else:
-        rows = [{"prompt": f"Add {a} and {b}.", "chosen": f"The answer is {a + b}.", "rejected": f"It is {a + b + 1}."}
-                for a, b in PAIRS]
-        extra = ["--lr", "1e-2", "--lora", "--lora-dropout", "0"]
+    """DDP and FSDP (full shard, 2 CPU processes over gloo) against one process with the same global batch."""
+    command, rows, extra, strategies = MODES[mode]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
-    common = [mode, "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "5", "--dtype", "fp32",
+    common = [command, "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "5", "--dtype", "fp32",
               "--save-steps", "0", "--grad-accum", "2", *extra]
     run([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "4"], processes=1)
-    run([*common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2"], processes=2)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one) == len(two) == 5
-    keys = ["loss", "tokens"] + (["rewards/margins", "rewards/accuracies", "pairs"] if mode == "dpo" else [])
-    for a, b in zip(one, two, strict=True):
-        for key in keys:
-            assert a[key] == pytest.approx(b[key], abs=1e-4), key
-    weights = "adapter_model.safetensors" if mode == "dpo" else "model.safetensors"
-    a, b = (load_file(tmp_path / d / "final" / weights) for d in ("one", "two"))
-    # float sums in another order (all-reduce), amplified a little by Adam over 5 steps: 1.3e-5 measured
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    for strategy in strategies:
+        run([*common, "--output-dir", str(tmp_path / strategy), "--batch-size", "2", "--strategy", strategy],
+            processes=2)
+    one = metrics(tmp_path / "one")
+    keys = ["loss", "tokens"] + (["rewards/margins", "rewards/accuracies", "pairs"] if command == "dpo" else [])
+    weights = "adapter_model.safetensors" if "--lora" in extra else "model.safetensors"
+    reference = load_file(tmp_path / "one" / "final" / weights)
+    for strategy in strategies:
+        two = metrics(tmp_path / strategy)
+        assert len(one) == len(two) == 5
+        for a, b in zip(one, two, strict=True):
+            for key in keys:
+                assert a[key] == pytest.approx(b[key], abs=1e-4), (strategy, key)
+        # final/ is a standard folder with every weight, gathered from the shards under FSDP
+        saved = load_file(tmp_path / strategy / "final" / weights)
+        assert sorted(saved) == sorted(reference)
+        # float sums in another order (all-reduce), amplified a little by Adam over 5 steps: 1.3e-5 measured
+        assert max((reference[k] - saved[k]).abs().max().item() for k in reference) < 1e-4, strategy
 
 
-def test_two_processes_resume_to_the_uninterrupted_trajectory(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_resume_to_the_uninterrupted_trajectory(tmp_path, tiny_model_dir, strategy):
     """Stopped after step 2 and resumed to step 4, each process continues from its own data position and RNG
-    state (LoRA dropout draws different masks on each process), so the losses equal an uninterrupted run's."""
-    rows = [{"prompt": f"Add {a} and {b}.", "completion": f"The answer is {a + b}."} for a, b in PAIRS]
-    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    state (LoRA dropout draws different masks on each process), so the losses equal an uninterrupted run's.
+    Under FSDP the checkpoint holds the gathered weights and optimizer state, re-sharded on resume."""
+    data = write_jsonl(tmp_path / "rows.jsonl", SFT_ROWS)
     common = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--dtype", "fp32", "--lr", "1e-3",
               "--batch-size", "2", "--grad-accum", "2", "--lora", "--lora-dropout", "0.3", "--save-steps", "2",
-              "--lr-scheduler", "constant"]
+              "--lr-scheduler", "constant", "--strategy", strategy]
     run([*common, "--output-dir", str(tmp_path / "whole"), "--max-steps", "4"], processes=2)
     run([*common, "--output-dir", str(tmp_path / "parts"), "--max-steps", "2"], processes=2)
     run([*common, "--output-dir", str(tmp_path / "parts"), "--max-steps", "4", "--resume"], processes=2)

@@ -34,7 +34,7 @@ from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, resolve_model
-from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
@@ -46,11 +46,19 @@ from alignkit.training.run import (
     interrupt,
     load_inputs,
     make_accelerator,
-    process_rngs,
+    resume_state,
     save_final,
+    save_step,
     split_eval,
     step_stream,
     steps_per_epoch,
+)
+from alignkit.training.strategy import (
+    clip_gradients,
+    equal_passes,
+    is_sharded,
+    load_full_optimizer_state,
+    shard_frozen,
 )
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -125,6 +133,10 @@ def build_reference(cfg: DPOConfig, model_path: Path, accelerator: Accelerator) 
     ref = load_model(source, dtype, cfg.trust_remote_code)
     ref.requires_grad_(False)
     ref.eval()
+    # Under FSDP the reference is sharded like the policy (frozen: no gradients, no optimizer state), so it
+    # costs each process 1/N of a model; otherwise each process holds a whole frozen copy.
+    if is_sharded(accelerator):
+        ref = shard_frozen(ref.to(accelerator.device))
     return Reference(kind, accelerator.prepare_model(ref, evaluation_mode=True))
 
 
@@ -208,20 +220,21 @@ def train_step(model, reference, optimizer, scheduler, step_batches, weight: flo
     tokens = 0
     # Padded: a micro-batch per forward pass. Otherwise one pair per pass, each followed by its backward.
     units = step_batches if dpo_layout(cfg) == "padded" else [[pair] for pairs in step_batches for pair in pairs]
-    for i, pairs in enumerate(units):
-        last = i == len(units) - 1
+    passes = equal_passes(units, units[0], accelerator)
+    for i, (pairs, pass_weight) in enumerate(passes):
+        last, scale = i == len(passes) - 1, weight * pass_weight
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             loss, sums, n_tokens = batch_loss(model, reference, pairs, cfg, pad_id, step_pairs, step_chosen_tokens,
                                               device)
             # DDP averages gradients over processes; multiplying by their number restores the global sum.
-            accelerator.backward(loss * weight * accelerator.num_processes)
-        totals["loss"] += weight * loss.detach()
+            accelerator.backward(loss * scale * accelerator.num_processes)
+        totals["loss"] += scale * loss.detach()
         for name, value in sums.items():
-            totals[name] += weight * value / step_pairs
-        tokens += int(weight * n_tokens)
+            totals[name] += scale * value / step_pairs
+        tokens += int(scale * n_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    grad_norm = clip_gradients(params, max_norm, accelerator)
     lr = scheduler.get_last_lr()[0]
     row = {name: accelerator.reduce(value, "sum").item() for name, value in totals.items()}
     if guard.check(step, row["loss"], grad_norm):
@@ -242,13 +255,13 @@ def evaluate(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOCo
     total_pairs = float(len(pairs))
     total_chosen = float(max(1, chosen_tokens(pairs)))
     totals = {name: torch.zeros((), device=accelerator.device) for name in METRICS}
-    for start in range(0, len(shard), cfg.batch_size):
-        chunk = shard[start:start + cfg.batch_size]
+    chunks = [shard[start:start + cfg.batch_size] for start in range(0, len(shard), cfg.batch_size)]
+    for chunk, weight in equal_passes(chunks, pairs[:1], accelerator):
         loss, sums, _ = batch_loss(model, reference, chunk, cfg, pad_id, total_pairs, total_chosen,
                                    accelerator.device)
-        totals["loss"] += loss
+        totals["loss"] += weight * loss
         for name, value in sums.items():
-            totals[name] += value / total_pairs
+            totals[name] += weight * value / total_pairs
     model.train()
     return {f"eval/{name}": accelerator.reduce(value, "sum").item() for name, value in totals.items()}
 
@@ -263,7 +276,7 @@ def run(cfg: DPOConfig) -> dict:
 def train(cfg: DPOConfig):
     """Train and save; returns (summary, trained model, tokenizer)."""
     started = time.time()
-    accelerator = make_accelerator(cfg.dtype)
+    accelerator = make_accelerator(cfg.dtype, cfg.strategy)
     is_main = accelerator.is_main_process
     out = check_output_dir(cfg, "dpo")
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
@@ -297,13 +310,15 @@ def train(cfg: DPOConfig):
     state = {"step": 0, "epoch": 0, "index": 0, "pairs": 0, "tokens": 0, "train_seconds": 0.0,
              "step_seconds": 0.0}
     if checkpoint is not None:
-        state = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)
+        state = resume_state(checkpoint, optimizer, scheduler, accelerator)
         log(f"resuming from {checkpoint} (step {state['step']})")
         if state.get("total_steps", total_steps) != total_steps:
             log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
                 "from the checkpoint's position, not from a schedule planned for the new length")
     state["total_steps"] = total_steps
     model, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None and is_sharded(accelerator):
+        load_full_optimizer_state(checkpoint / "optimizer.pt", model, optimizer)
     model.train()
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
     log(f"{len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {total_steps} steps, global batch "
@@ -350,11 +365,7 @@ def train(cfg: DPOConfig):
             due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
             if (due and guard.in_a_row == 0) or stop.received:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
-                rngs = process_rngs(accelerator)
-                if is_main:
-                    save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                    scheduler, state, cfg.save_total_limit, rngs)
-                accelerator.wait_for_everyone()
+                save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)
             if stop.received:
                 progress.close()
                 raise interrupt(stop, step, out)

@@ -26,7 +26,7 @@ from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy
-from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
@@ -38,12 +38,14 @@ from alignkit.training.run import (
     interrupt,
     load_inputs,
     make_accelerator,
-    process_rngs,
+    resume_state,
     save_final,
+    save_step,
     split_eval,
     step_stream,
     steps_per_epoch,
 )
+from alignkit.training.strategy import clip_gradients, equal_passes, is_sharded, load_full_optimizer_state
 
 # ---------------------------------------------------------------- set-up
 
@@ -96,18 +98,18 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
     local_tokens = torch.tensor(weight * sum(trained_label_count(rows) for rows in step_batches), device=device)
     step_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1)
     step_nll = torch.zeros((), device=device)
-    for i, unit in enumerate(units):
-        last = i == len(units) - 1
+    passes = equal_passes(units, units[0], accelerator)
+    for i, (unit, pass_weight) in enumerate(passes):
+        last = i == len(passes) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             sums, _ = unit_logps(model, unit)
+            sums = sums * (weight * pass_weight)
             # DDP averages gradients over processes; multiplying by their number restores the global sum.
-            trained = torch.ones_like(sums, dtype=torch.bool)
-            loss = sft_loss(sums * weight, trained, step_tokens) * accelerator.num_processes
+            loss = sft_loss(sums, torch.ones_like(sums, dtype=torch.bool), step_tokens) * accelerator.num_processes
             accelerator.backward(loss)
-        step_nll -= weight * sums.detach().sum()
+        step_nll -= sums.detach().sum()
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
-                                                  float("inf")))
+    grad_norm = clip_gradients(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"), accelerator)
     lr = scheduler.get_last_lr()[0]
     nll, tokens = accelerator.reduce(step_nll, "sum").item(), int(step_tokens.item())
     applied = guard.check(step, nll / tokens, grad_norm)
@@ -130,11 +132,13 @@ def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accel
     shard = rows[accelerator.process_index::accelerator.num_processes]
     nll = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
-    for start in range(0, len(shard), cfg.batch_size):
-        for unit in sft_units(shard[start:start + cfg.batch_size], layout, pad_id, cfg.max_length):
-            sums, counts = unit_logps(model, unit.to(accelerator.device))
-            nll -= sums.sum()
-            tokens += counts.sum()
+    units = [u for start in range(0, len(shard), cfg.batch_size)
+             for u in sft_units(shard[start:start + cfg.batch_size], layout, pad_id, cfg.max_length)]
+    filler = sft_units(rows[:1], layout, pad_id, cfg.max_length)[0]
+    for unit, weight in equal_passes(units, filler, accelerator):
+        sums, counts = unit_logps(model, unit.to(accelerator.device))
+        nll -= weight * sums.sum()
+        tokens += weight * counts.sum()
     model.train()
     nll, tokens = accelerator.reduce(nll, "sum"), accelerator.reduce(tokens, "sum")
     loss = (nll / tokens.clamp(min=1)).item()
@@ -151,7 +155,7 @@ def run(cfg: SFTConfig) -> dict:
 def train(cfg: SFTConfig):
     """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
     started = time.time()
-    accelerator = make_accelerator(cfg.dtype)
+    accelerator = make_accelerator(cfg.dtype, cfg.strategy)
     is_main = accelerator.is_main_process
     out = check_output_dir(cfg, "sft")
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
@@ -176,13 +180,15 @@ def train(cfg: SFTConfig):
     # The data position (epoch, index of the next micro-batch) is what makes a resume continue mid-epoch.
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "step_seconds": 0.0}
     if checkpoint is not None:
-        state = load_training_state(checkpoint, optimizer, scheduler, accelerator.process_index)
+        state = resume_state(checkpoint, optimizer, scheduler, accelerator)
         log(f"resuming from {checkpoint} (step {state['step']})")
         if state.get("total_steps", total_steps) != total_steps:
             log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
                 "from the checkpoint's position, not from a schedule planned for the new length")
     state["total_steps"] = total_steps
     model, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None and is_sharded(accelerator):
+        load_full_optimizer_state(checkpoint / "optimizer.pt", model, optimizer)
     model.train()
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -234,11 +240,7 @@ def train(cfg: SFTConfig):
             due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
             if (due and guard.in_a_row == 0) or stop.received:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
-                rngs = process_rngs(accelerator)
-                if is_main:
-                    save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                    scheduler, state, cfg.save_total_limit, rngs)
-                accelerator.wait_for_everyone()
+                save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)
             if stop.received:
                 progress.close()
                 raise interrupt(stop, step, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -17,6 +18,8 @@ from accelerate.state import AcceleratorState
 
 from alignkit.data.batches import micro_batches, tail_rows
 from alignkit.errors import Interrupted, RunError, UserError
+from alignkit.training.checkpoint import load_training_state, save_checkpoint
+from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints")
 
@@ -30,13 +33,13 @@ def mixed_precision(dtype: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
-def make_accelerator(dtype: str) -> Accelerator:
+def make_accelerator(dtype: str, strategy: str = "auto") -> Accelerator:
     # transformers 5 warns on every peft model about a renamed attribute peft still reads; not ours to act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
     # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision(dtype), cpu=not torch.cuda.is_available())
+    return build_accelerator(mixed_precision(dtype), strategy)
 
 
 def load_inputs(cfg):
@@ -125,10 +128,11 @@ def describe_tail(num_rows: int, batch_size: int, world: int) -> str:
 def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
     """final/: written beside, then renamed into place, so a failed save never leaves half a model."""
     final, staging = out / "final", out / ".final.tmp"
+    weights = full_state_dict(model, accelerator)  # every process takes part in gathering FSDP shards
     if accelerator.is_main_process:
         try:
             shutil.rmtree(staging, ignore_errors=True)
-            accelerator.unwrap_model(model).save_pretrained(staging)
+            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
             if final.exists():
                 shutil.rmtree(final)
@@ -147,6 +151,28 @@ def process_rngs(accelerator: Accelerator) -> list[dict]:
     from alignkit.training.checkpoint import rng_state
 
     return gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+
+
+def save_step(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
+              accelerator: Accelerator) -> None:
+    """A checkpoint of this step: what must be gathered is gathered by every process, the main one writes."""
+    rngs = process_rngs(accelerator)
+    state["sharded"] = is_sharded(accelerator)
+    sharded = full_training_state(model, optimizer, accelerator)
+    if accelerator.is_main_process:
+        save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
+                        state, keep, rngs, sharded)
+    accelerator.wait_for_everyone()
+
+
+def resume_state(checkpoint: Path, optimizer, scheduler, accelerator: Accelerator) -> dict:
+    """Scheduler, RNG and position from `checkpoint`, and the optimizer state, except under FSDP, where it can
+    only be loaded once `prepare` has sharded the optimizer (`load_full_optimizer_state`)."""
+    sharded = json.loads((checkpoint / "state.json").read_text()).get("sharded", False)
+    if sharded != is_sharded(accelerator):
+        raise UserError(f"{checkpoint}: saved by a run {'with' if sharded else 'without'} FSDP; resume it with "
+                        f"{'strategy: fsdp and several processes' if sharded else 'strategy: ddp'}")
+    return load_training_state(checkpoint, None if sharded else optimizer, scheduler, accelerator.process_index)
 
 
 def interrupt(stop, step: int, out: Path) -> Interrupted:
