@@ -55,6 +55,7 @@ from alignkit.training.run import (
 )
 from alignkit.training.strategy import (
     clip_gradients,
+    describe,
     equal_passes,
     is_sharded,
     load_full_optimizer_state,
@@ -322,7 +323,8 @@ def train(cfg: DPOConfig):
     model.train()
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
     log(f"{len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {total_steps} steps, global batch "
-        f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, losses {'+'.join(cfg.loss_type)}, "
+        f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation ({describe(accelerator)}), "
+        f"losses {'+'.join(cfg.loss_type)}, "
         f"beta {cfg.beta}, reference {reference.kind}, precision {accelerator.mixed_precision}, "
         f"layout {dpo_layout(cfg)}")
     if tail := describe_tail(len(train_pairs), cfg.batch_size, world):

@@ -45,7 +45,7 @@ from alignkit.training.run import (
     step_stream,
     steps_per_epoch,
 )
-from alignkit.training.strategy import clip_gradients, equal_passes, is_sharded, load_full_optimizer_state
+from alignkit.training.strategy import clip_gradients, describe, equal_passes, is_sharded, load_full_optimizer_state
 
 # ---------------------------------------------------------------- set-up
 
@@ -193,7 +193,8 @@ def train(cfg: SFTConfig):
     metrics = MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"]) if is_main else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{len(train_rows)} training rows, {len(eval_rows)} eval rows, {total_steps} steps, "
-        f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, "
+        f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation "
+        f"({describe(accelerator)}), "
         f"{trainable:,} trainable parameters, precision {accelerator.mixed_precision}, "
         f"layout {resolve_layout(cfg.layout, accelerator.device)}")
     if tail := describe_tail(len(train_rows), cfg.batch_size, world):

@@ -15,6 +15,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
+from alignkit.errors import UserError
+
 
 def wants_fsdp(strategy: str) -> bool:
     """fsdp asked for by the config, or by the launcher (`accelerate launch --config_file fsdp.yaml`)."""
@@ -37,12 +39,29 @@ def build_accelerator(mixed_precision: str, strategy: str) -> Accelerator:
     if not fsdp:
         if strategy == "ddp":  # the config wins over a launcher's FSDP setting
             os.environ.pop("ACCELERATE_USE_FSDP", None)
-        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        return refuse_deepspeed(Accelerator(mixed_precision=mixed_precision, cpu=cpu))
     plugin = fsdp_plugin()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, fsdp_plugin=plugin)
     if accelerator.distributed_type == DistributedType.MULTI_CPU:
         _fsdp_on_cpu(accelerator, plugin, mixed_precision)
     return accelerator
+
+
+def refuse_deepspeed(accelerator: Accelerator) -> Accelerator:
+    """Stop a DeepSpeed launch before training: the loop steps the optimizer itself once per accumulated step,
+    with a varying number of backward passes per step, which a DeepSpeed engine (stepping inside `backward`
+    after a fixed number of passes) does not follow. Training on would be silently wrong."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UserError("DeepSpeed launches are not supported yet: use configs/accelerate/fsdp.yaml (FSDP full "
+                        "shard, the ZeRO-3 equivalent) or ddp.yaml; see docs/scale-out.md")
+    return accelerator
+
+
+def describe(accelerator: Accelerator) -> str:
+    """The strategy as the start-up log states it."""
+    if accelerator.num_processes == 1:
+        return "single process"
+    return "fsdp (full shard)" if is_sharded(accelerator) else "ddp"
 
 
 def _fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin, mixed_precision: str) -> None:
