@@ -16,11 +16,13 @@ from tests.conftest import write_jsonl
 PAIRS = [(a, b) for a in range(10, 18) for b in range(20, 22)] + [(30, 40)]
 
 
-def run(args: list[str], processes: int) -> None:
+def run(args: list[str], processes: int) -> str:
+    """Run alignkit under torchrun with `processes` processes (1: plainly); returns its stderr."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(processes)] if processes > 1 else [sys.executable]
     done = subprocess.run([*launcher, "-m", "alignkit", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
 
 
 def metrics(folder) -> list[dict]:
@@ -39,15 +41,22 @@ MODES = {"sft": ("sft", SFT_ROWS, ["--lr", "1e-3"], ("ddp", "fsdp")),
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, mode):
-    """DDP and FSDP (full shard, 2 CPU processes over gloo) against one process with the same global batch."""
+    """DDP and FSDP (full shard, 2 CPU processes over gloo) against one process with the same global batch.
+
+    The DDP runs start with `--num-processes 2`, the FSDP runs under torchrun directly."""
     command, rows, extra, strategies = MODES[mode]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     common = [command, "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "5", "--dtype", "fp32",
               "--save-steps", "0", "--grad-accum", "2", *extra]
     run([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "4"], processes=1)
     for strategy in strategies:
-        run([*common, "--output-dir", str(tmp_path / strategy), "--batch-size", "2", "--strategy", strategy],
-            processes=2)
+        args = [*common, "--output-dir", str(tmp_path / strategy), "--batch-size", "2", "--strategy", strategy]
+        if strategy == "ddp":  # through the convenience flag, which re-runs alignkit under torch's launcher
+            log = run([*args, "--num-processes", "2"], processes=1)
+            assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m alignkit" in log
+            assert "global batch 2 x 2 processes x 2 accumulation (ddp)" in log
+        else:
+            assert "(fsdp (full shard))" in run(args, processes=2)
     one = metrics(tmp_path / "one")
     keys = ["loss", "tokens"] + (["rewards/margins", "rewards/accuracies", "pairs"] if command == "dpo" else [])
     weights = "adapter_model.safetensors" if "--lora" in extra else "model.safetensors"

@@ -37,6 +37,7 @@ from alignkit.models.load import build_policy, load_model, resolve_model
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
+from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
@@ -271,6 +272,8 @@ def evaluate(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOCo
 
 def run(cfg: DPOConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
+    if wants_relaunch(cfg):
+        return relaunch(cfg, "dpo")
     return train(cfg)[0]
 
 

@@ -29,6 +29,7 @@ from alignkit.models.load import build_policy
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
+from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
@@ -149,6 +150,8 @@ def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accel
 
 def run(cfg: SFTConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
+    if wants_relaunch(cfg):
+        return relaunch(cfg, "sft")
     return train(cfg)[0]
 
 
