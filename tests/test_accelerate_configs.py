@@ -30,3 +30,13 @@ def test_config_loads_and_names_valid_launch_keys(name):
         assert config.fsdp_config["fsdp_version"] == 2  # what alignkit's plugin builds (training/strategy.py)
     if zero_stage is not None:
         assert config.deepspeed_config["zero_stage"] == zero_stage
+
+
+def test_a_deepspeed_launch_is_refused_with_one_line(monkeypatch):
+    """accelerate launch with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED; alignkit must not train on."""
+    from alignkit.errors import UserError
+    from alignkit.training.strategy import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match="DeepSpeed launches are not supported yet"):
+        build_accelerator("no", "auto")

@@ -34,12 +34,13 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
 
 def build_accelerator(mixed_precision: str, strategy: str) -> Accelerator:
     """An Accelerator for the strategy; a single process never shards (there is nothing to share with)."""
+    refuse_deepspeed()
     cpu = not torch.cuda.is_available()
     fsdp = wants_fsdp(strategy) and int(os.environ.get("WORLD_SIZE", "1")) > 1
     if not fsdp:
         if strategy == "ddp":  # the config wins over a launcher's FSDP setting
             os.environ.pop("ACCELERATE_USE_FSDP", None)
-        return refuse_deepspeed(Accelerator(mixed_precision=mixed_precision, cpu=cpu))
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     plugin = fsdp_plugin()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, fsdp_plugin=plugin)
     if accelerator.distributed_type == DistributedType.MULTI_CPU:
@@ -47,14 +48,16 @@ def build_accelerator(mixed_precision: str, strategy: str) -> Accelerator:
     return accelerator
 
 
-def refuse_deepspeed(accelerator: Accelerator) -> Accelerator:
-    """Stop a DeepSpeed launch before training: the loop steps the optimizer itself once per accumulated step,
-    with a varying number of backward passes per step, which a DeepSpeed engine (stepping inside `backward`
-    after a fixed number of passes) does not follow. Training on would be silently wrong."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+def refuse_deepspeed() -> None:
+    """Stop a DeepSpeed launch before anything loads.
+
+    alignkit's loop steps the optimizer itself once per step, after a number of backward passes that varies
+    from step to step; a DeepSpeed engine steps inside `backward` after a fixed number of passes, so training
+    on would be silently wrong. On a CPU, accelerate ignores the DeepSpeed setting and would quietly run DDP
+    instead of the ZeRO stage asked for: refused too."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise UserError("DeepSpeed launches are not supported yet: use configs/accelerate/fsdp.yaml (FSDP full "
                         "shard, the ZeRO-3 equivalent) or ddp.yaml; see docs/scale-out.md")
-    return accelerator
 
 
 def describe(accelerator: Accelerator) -> str:
