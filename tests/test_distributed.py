@@ -46,8 +46,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     The DDP runs start with `--num-processes 2`, the FSDP runs under torchrun directly."""
     command, rows, extra, strategies = MODES[mode]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    # one eval row: the second process has none, yet evaluating (steps 2, 4, 5) must keep them in step
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rows[:1])
     common = [command, "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "5", "--dtype", "fp32",
-              "--save-steps", "0", "--grad-accum", "2", *extra]
+              "--save-steps", "0", "--grad-accum", "2", "--eval-data", str(held_out), "--eval-steps", "2", *extra]
     run([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "4"], processes=1)
     for strategy in strategies:
         args = [*common, "--output-dir", str(tmp_path / strategy), "--batch-size", "2", "--strategy", strategy]
@@ -63,9 +65,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     reference = load_file(tmp_path / "one" / "final" / weights)
     for strategy in strategies:
         two = metrics(tmp_path / strategy)
-        assert len(one) == len(two) == 5
+        assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 2, 3, 4, 4, 5, 5]
         for a, b in zip(one, two, strict=True):
-            for key in keys:
+            for key in keys if "loss" in a else ["eval/loss"]:
                 assert a[key] == pytest.approx(b[key], abs=1e-4), (strategy, key)
         # final/ is a standard folder with every weight, gathered from the shards under FSDP
         saved = load_file(tmp_path / strategy / "final" / weights)

@@ -58,6 +58,7 @@ from alignkit.training.strategy import (
     clip_gradients,
     describe,
     equal_passes,
+    eval_model,
     is_sharded,
     load_full_optimizer_state,
     shard_frozen,
@@ -252,6 +253,7 @@ def train_step(model, reference, optimizer, scheduler, step_batches, weight: flo
 @torch.no_grad()
 def evaluate(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOConfig, pad_id: int,
              accelerator: Accelerator) -> dict:
+    model = eval_model(model, accelerator)
     model.eval()
     shard = pairs[accelerator.process_index::accelerator.num_processes]
     total_pairs = float(len(pairs))

@@ -46,7 +46,14 @@ from alignkit.training.run import (
     step_stream,
     steps_per_epoch,
 )
-from alignkit.training.strategy import clip_gradients, describe, equal_passes, is_sharded, load_full_optimizer_state
+from alignkit.training.strategy import (
+    clip_gradients,
+    describe,
+    equal_passes,
+    eval_model,
+    is_sharded,
+    load_full_optimizer_state,
+)
 
 # ---------------------------------------------------------------- set-up
 
@@ -128,6 +135,7 @@ def trained_label_count(rows: list[TokenizedRow]) -> int:
 
 @torch.no_grad()
 def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accelerator: Accelerator) -> dict:
+    model = eval_model(model, accelerator)
     model.eval()
     layout = resolve_layout(cfg.layout, accelerator.device)
     shard = rows[accelerator.process_index::accelerator.num_processes]

@@ -96,6 +96,13 @@ def full_state_dict(model, accelerator: Accelerator) -> dict | None:
     return {name: tensor.detach().clone() for name, tensor in gathered.items()}
 
 
+def eval_model(model, accelerator: Accelerator):
+    """The model evaluation passes go through. Under DDP, the module inside the wrapper: no gradient flows, and
+    the wrapper's forward broadcasts buffers, which would leave processes with different numbers of eval rows
+    out of step. Under FSDP, the sharded model itself (its passes are padded to equal counts instead)."""
+    return model if is_sharded(accelerator) else getattr(model, "module", model)
+
+
 def equal_passes(items: list, filler, accelerator: Accelerator) -> list[tuple[object, float]]:
     """(forward-pass input, loss weight) pairs, padded with weight-0 `filler` passes so that every process
     runs as many passes as the busiest one.
