@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from safetensors.torch import load_file
@@ -92,3 +94,35 @@ def test_two_processes_resume_to_the_uninterrupted_trajectory(tmp_path, tiny_mod
     assert [r["step"] for r in parts] == [1, 2, 3, 4]
     for a, b in zip(whole, parts, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step_with_a_checkpoint(tmp_path, tiny_model_dir):
+    """SIGTERM reaching only the second process: every process stops after the same step and the checkpoint
+    they save together resumes (without the per-step agreement the first process trains on alone and hangs)."""
+    import psutil
+
+    data = write_jsonl(tmp_path / "rows.jsonl", SFT_ROWS)
+    out = tmp_path / "run"
+    args = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--dtype", "fp32", "--batch-size", "2",
+            "--max-steps", "100000", "--save-steps", "0", "--output-dir", str(out)]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    agent = subprocess.Popen([*launcher, "-m", "alignkit", *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 2):
+            assert agent.poll() is None and time.time() < deadline, "the run did not get going"
+            time.sleep(0.2)
+        second = next(p for p in psutil.Process(agent.pid).children(recursive=True)
+                      if p.environ().get("RANK") == "1")
+        second.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=240)
+    finally:  # on failure, leave no worker behind
+        workers = psutil.Process(agent.pid).children(recursive=True) if agent.poll() is None else []
+        for process in [*workers, psutil.Process(agent.pid)] if agent.poll() is None else []:
+            process.kill()
+    assert "stopped by SIGTERM after step" in stderr, stderr[-3000:]
+    saved = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert saved == metrics(out)[-1]["step"]
+    resumed = [arg if arg != "100000" else str(saved + 1) for arg in args]
+    run([*resumed, "--resume"], processes=2)
+    assert [r["step"] for r in metrics(out)][-2:] == [saved, saved + 1]

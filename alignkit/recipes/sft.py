@@ -33,6 +33,7 @@ from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.metrics import MetricsLog, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
+    agree_on_stop,
     check_output_dir,
     claim_output_dir,
     describe_tail,
@@ -250,10 +251,11 @@ def train(cfg: SFTConfig):
                     metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
                 progress.write(f"step {step}: eval loss {eval_result['eval/loss']:.4f}")
             due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
-            if (due and guard.in_a_row == 0) or stop.received:  # never checkpoint in the middle of a NaN streak
+            stopping = agree_on_stop(stop, accelerator)
+            if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
                 save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)
-            if stop.received:
+            if stopping:
                 progress.close()
                 raise interrupt(stop, step, out)
     progress.close()

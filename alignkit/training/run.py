@@ -175,6 +175,20 @@ def resume_state(checkpoint: Path, optimizer, scheduler, accelerator: Accelerato
     return load_training_state(checkpoint, None if sharded else optimizer, scheduler, accelerator.process_index)
 
 
+def agree_on_stop(stop, accelerator: Accelerator) -> bool:
+    """Whether any process received SIGINT/SIGTERM, the same answer on all of them, once per step.
+
+    A scheduler's signal can reach the processes a step apart; the process that has it must not start saving
+    (a collective) while the others start another step, so each step ends with a max-reduce of the signal
+    number, and a process that got none adopts it."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(stop.received or 0), device=accelerator.device)
+        received = int(accelerator.reduce(flag, "max").item())
+        if received and stop.received is None:
+            stop.received = received
+    return stop.received is not None
+
+
 def interrupt(stop, step: int, out: Path) -> Interrupted:
     """The exception that ends a run stopped by a signal, with how to continue it."""
     return Interrupted(f"stopped by {signal.Signals(stop.received).name} after step {step}; checkpoint saved in "
