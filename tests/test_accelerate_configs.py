@@ -40,3 +40,15 @@ def test_a_deepspeed_launch_is_refused_with_one_line(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(UserError, match="DeepSpeed launches are not supported yet"):
         build_accelerator("no", "auto")
+
+
+def test_an_fsdp_launch_asking_for_other_settings_is_refused(monkeypatch):
+    """The FSDP settings alignkit is written for are fixed; a config asking for FSDP1 must not be half-honoured."""
+    from alignkit.errors import UserError
+    from alignkit.training.strategy import fsdp_plugin
+
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(UserError, match="FSDP_VERSION=1"):
+        fsdp_plugin()
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert fsdp_plugin().fsdp_version == 2

@@ -25,8 +25,21 @@ def wants_fsdp(strategy: str) -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+# what fsdp_plugin() builds, as accelerate launch names it in the environment (from an FSDP config file)
+FIXED_FSDP_SETTINGS = {"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_OFFLOAD_PARAMS": "false",
+                       "FSDP_ACTIVATION_CHECKPOINTING": "false"}
+
+
 def fsdp_plugin() -> FullyShardedDataParallelPlugin:
-    """FSDP2, parameters, gradients and optimizer state all sharded, resharded after each forward."""
+    """FSDP2, parameters, gradients and optimizer state all sharded, resharded after each forward.
+
+    Built here rather than from a launcher's settings: the sharded reference, the padded passes and the
+    gathered saves are written for exactly this plugin. A launcher asking for something else is refused."""
+    asked = {name: os.environ[name].lower() for name in FIXED_FSDP_SETTINGS if name in os.environ}
+    differing = [f"{name}={value}" for name, value in asked.items() if value != FIXED_FSDP_SETTINGS[name]]
+    if differing:
+        raise UserError(f"alignkit's FSDP is FSDP2, full shard, resharded after forward, no offload, no activation "
+                        f"checkpointing; the launch asks for {', '.join(differing)}: use configs/accelerate/fsdp.yaml")
     return FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True,
                                           auto_wrap_policy="transformer_based_wrap",
                                           state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
