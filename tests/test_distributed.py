@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -45,7 +46,8 @@ MODES = {"sft": ("sft", SFT_ROWS, ["--lr", "1e-3"], ("ddp", "fsdp")),
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, mode):
     """DDP and FSDP (full shard, 2 CPU processes over gloo) against one process with the same global batch.
 
-    The DDP runs start with `--num-processes 2`, the FSDP runs under torchrun directly."""
+    The DDP runs start with `--num-processes 2`; the FSDP runs under torchrun with `--strategy fsdp`, or (DPO
+    with LoRA) under `accelerate launch --config_file configs/accelerate/fsdp.yaml`."""
     command, rows, extra, strategies = MODES[mode]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     # one eval row: the second process has none, yet evaluating (steps 2, 4, 5) must keep them in step
@@ -59,6 +61,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
             log = run([*args, "--num-processes", "2"], processes=1)
             assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m alignkit" in log
             assert "global batch 2 x 2 processes x 2 accumulation (ddp)" in log
+        elif mode == "dpo-lora":  # through accelerate launch and the shipped config, which selects FSDP
+            config = Path(__file__).parent.parent / "configs" / "accelerate" / "fsdp.yaml"
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                        "--num_processes", "2", "-m", "alignkit"]
+            done = subprocess.run([*launcher, *args[:-2]], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert "(fsdp (full shard))" in done.stderr
         else:
             assert "(fsdp (full shard))" in run(args, processes=2)
     one = metrics(tmp_path / "one")
