@@ -69,6 +69,11 @@ class TrainConfig:
                       choices=["auto", "fp32", "bf16"])
     seed: int = _opt(42, "seed for data order, initialisation of LoRA weights and dropout")
     trust_remote_code: bool = _opt(False, "allow model code shipped inside the model folder to run")
+    strategy: str = _opt("auto", "with several processes: ddp (each holds the whole model), fsdp (FSDP2 full "
+                                 "shard through accelerate) or auto (fsdp when accelerate launch says so, else ddp)",
+                         choices=["auto", "ddp", "fsdp"])
+    num_processes: int = _opt(1, "processes to start on this machine (re-runs itself under python -m "
+                                 "torch.distributed.run --standalone); ignored under a launcher")
     # Logging, evaluation, checkpoints
     logging_steps: int = _opt(1, "write a metrics.jsonl row every this many optimizer steps")
     eval_steps: int = _opt(0, "evaluate every this many steps (0: only at the end, when there is eval data)")
@@ -374,7 +379,7 @@ def validate(config: Any) -> None:
                 raise UserError(f"'{name}' must be one of {', '.join(choices)}, got {value!r}"
                                 f"{suggest(value, choices)}")
     positive = ["lr", "batch_size", "grad_accum", "max_length", "logging_steps", "lora_r", "lora_alpha",
-                "max_bad_steps"]
+                "max_bad_steps", "num_processes"]
     for name in positive:
         if hasattr(config, name) and getattr(config, name) <= 0:
             raise UserError(f"'{name}' must be > 0, got {getattr(config, name)}")

@@ -37,21 +37,35 @@ from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, resolve_model
 from alignkit.training import checkpointing
-from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
+from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.metrics import MetricsLog, Window, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
+    agree_on_stop,
     check_output_dir,
     claim_output_dir,
+    describe_tail,
     interrupt,
     load_inputs,
     make_accelerator,
+    resume_state,
     save_final,
+    save_step,
     split_eval,
     step_stream,
     steps_per_epoch,
+)
+from alignkit.training.strategy import (
+    clip_gradients,
+    describe,
+    equal_passes,
+    eval_model,
+    is_sharded,
+    load_full_optimizer_state,
+    shard_frozen,
 )
 from alignkit.training.tracking import open_tracking
 
@@ -155,6 +169,10 @@ def build_reference(cfg: DPOConfig, model_path: Path, accelerator: Accelerator) 
     ref = load_model(source, dtype, cfg.trust_remote_code)
     ref.requires_grad_(False)
     ref.eval()
+    # Under FSDP the reference is sharded like the policy (frozen: no gradients, no optimizer state), so it
+    # costs each process 1/N of a model; otherwise each process holds a whole frozen copy.
+    if is_sharded(accelerator):
+        ref = shard_frozen(ref.to(accelerator.device))
     return Reference(kind, accelerator.prepare_model(ref, evaluation_mode=True))
 
 
@@ -225,31 +243,34 @@ def chosen_tokens(pairs: list[PreferenceRow]) -> int:
     return sum(sum(1 for label in p.chosen.labels[1:] if label != -100) for p in pairs)
 
 
-def train_step(model, reference, optimizer, scheduler, step_batches, cfg: DPOConfig, pad_id: int,
+def train_step(model, reference, optimizer, scheduler, step_batches, weight: float, cfg: DPOConfig, pad_id: int,
                accelerator: Accelerator, guard: NonFiniteGuard, step: int) -> dict:
-    """One optimizer step; a non-finite loss or gradient norm skips the update (see `training.guard`)."""
+    """One optimizer step; a non-finite loss or gradient norm skips the update (see `training.guard`).
+
+    `weight` 0 marks a filler pair (see `training.run.step_stream`): it runs the passes and counts for nothing."""
     device = accelerator.device
-    counts = torch.tensor([float(sum(len(b) for b in step_batches)),
-                           float(sum(chosen_tokens(b) for b in step_batches))], device=device)
+    counts = weight * torch.tensor([float(sum(len(b) for b in step_batches)),
+                                    float(sum(chosen_tokens(b) for b in step_batches))], device=device)
     step_pairs, step_chosen_tokens = accelerator.reduce(counts, "sum").clamp(min=1).tolist()
     totals = {name: torch.zeros((), device=device) for name in METRICS}
     tokens = 0
     # Padded: a micro-batch per forward pass. Otherwise one pair per pass, each followed by its backward.
     units = step_batches if dpo_layout(cfg) == "padded" else [[pair] for pairs in step_batches for pair in pairs]
-    for i, pairs in enumerate(units):
-        last = i == len(units) - 1
+    passes = equal_passes(units, units[0], accelerator)
+    for i, (pairs, pass_weight) in enumerate(passes):
+        last, scale = i == len(passes) - 1, weight * pass_weight
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             loss, sums, n_tokens = batch_loss(model, reference, pairs, cfg, pad_id, step_pairs, step_chosen_tokens,
                                               device)
             # DDP averages gradients over processes; multiplying by their number restores the global sum.
-            accelerator.backward(loss * accelerator.num_processes)
-        totals["loss"] += loss.detach()
+            accelerator.backward(loss * scale * accelerator.num_processes)
+        totals["loss"] += scale * loss.detach()
         for name, value in sums.items():
-            totals[name] += value / step_pairs
-        tokens += n_tokens
+            totals[name] += scale * value / step_pairs
+        tokens += int(scale * n_tokens)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+    grad_norm = clip_gradients(params, max_norm, accelerator)
     lr = scheduler.get_last_lr()[0]
     row = {name: accelerator.reduce(value, "sum").item() for name, value in totals.items()}
     if guard.check(step, row["loss"], grad_norm):
@@ -265,18 +286,19 @@ def train_step(model, reference, optimizer, scheduler, step_batches, cfg: DPOCon
 @torch.no_grad()
 def evaluate(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOConfig, pad_id: int,
              accelerator: Accelerator) -> dict:
+    model = eval_model(model, accelerator)
     model.eval()
     shard = pairs[accelerator.process_index::accelerator.num_processes]
     total_pairs = float(len(pairs))
     total_chosen = float(max(1, chosen_tokens(pairs)))
     totals = {name: torch.zeros((), device=accelerator.device) for name in METRICS}
-    for start in range(0, len(shard), cfg.batch_size):
-        chunk = shard[start:start + cfg.batch_size]
+    chunks = [shard[start:start + cfg.batch_size] for start in range(0, len(shard), cfg.batch_size)]
+    for chunk, weight in equal_passes(chunks, pairs[:1], accelerator):
         loss, sums, _ = batch_loss(model, reference, chunk, cfg, pad_id, total_pairs, total_chosen,
                                    accelerator.device)
-        totals["loss"] += loss
+        totals["loss"] += weight * loss
         for name, value in sums.items():
-            totals[name] += value / total_pairs
+            totals[name] += weight * value / total_pairs
     model.train()
     return {f"eval/{name}": accelerator.reduce(value, "sum").item() for name, value in totals.items()}
 
@@ -285,13 +307,15 @@ def evaluate(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOCo
 
 def run(cfg: DPOConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
+    if wants_relaunch(cfg):
+        return relaunch(cfg, "dpo")
     return train(cfg)[0]
 
 
 def train(cfg: DPOConfig):
     """Train and save; returns (summary, trained model, tokenizer)."""
     started = time.time()
-    accelerator = make_accelerator(cfg.dtype)
+    accelerator = make_accelerator(cfg.dtype, cfg.strategy)
     is_main = accelerator.is_main_process
     out = check_output_dir(cfg, "dpo")
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
@@ -330,20 +354,25 @@ def train(cfg: DPOConfig):
     state = {"step": 0, "epoch": 0, "index": 0, "pairs": 0, "tokens": 0, "train_seconds": 0.0,
              "step_seconds": 0.0}
     if checkpoint is not None:
-        state = load_training_state(checkpoint, optimizer, scheduler)
+        state = resume_state(checkpoint, optimizer, scheduler, accelerator)
         log(f"resuming from {checkpoint} (step {state['step']})")
         if state.get("total_steps", total_steps) != total_steps:
             log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
                 "from the checkpoint's position, not from a schedule planned for the new length")
     state["total_steps"] = total_steps
     model, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None and is_sharded(accelerator):
+        load_full_optimizer_state(checkpoint / "optimizer.pt", model, optimizer)
     model.train()
     metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"], tracking=open_tracking(cfg, out))
                if is_main else None)
     log(f"{len(train_pairs)} training pairs, {len(eval_pairs)} eval pairs, {total_steps} steps, global batch "
-        f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, losses {'+'.join(cfg.loss_type)}, "
+        f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation ({describe(accelerator)}), "
+        f"losses {'+'.join(cfg.loss_type)}, "
         f"beta {cfg.beta}, reference {reference.kind}, precision {accelerator.mixed_precision}, "
         f"layout {dpo_layout(cfg)}, activation checkpointing {recompute}")
+    if tail := describe_tail(len(train_pairs), cfg.batch_size, world):
+        log(tail)
 
     stream = step_stream(train_pairs, cfg, state["epoch"], state["index"], rank, world)
     progress = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="dpo", unit="step",
@@ -355,10 +384,10 @@ def train(cfg: DPOConfig):
     guard = NonFiniteGuard(cfg.max_bad_steps)
     with StopOnSignal() as stop:
         while state["step"] < total_steps:
-            step_batches, epoch, index = next(stream)
+            step_batches, weight, epoch, index = next(stream)
             began = time.time()
-            last = train_step(model, reference, optimizer, scheduler, step_batches, cfg, pad_id, accelerator, guard,
-                              state["step"] + 1)
+            last = train_step(model, reference, optimizer, scheduler, step_batches, weight, cfg, pad_id, accelerator,
+                              guard, state["step"] + 1)
             seconds = time.time() - began
             state.update(step=state["step"] + 1, epoch=epoch, index=index, pairs=state["pairs"] + last["pairs"],
                          loss=last["loss"], tokens=state["tokens"] + last["tokens"],
@@ -381,13 +410,11 @@ def train(cfg: DPOConfig):
                 if metrics:
                     metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
             due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
-            if (due and guard.in_a_row == 0) or stop.received:  # never checkpoint in the middle of a NaN streak
+            stopping = agree_on_stop(stop, accelerator)
+            if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
-                if is_main:
-                    save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                    scheduler, state, cfg.save_total_limit)
-                accelerator.wait_for_everyone()
-            if stop.received:
+                save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)
+            if stopping:
                 progress.close()
                 raise interrupt(stop, step, out)
     progress.close()

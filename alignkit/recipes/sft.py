@@ -28,21 +28,34 @@ from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy
 from alignkit.training import checkpointing
-from alignkit.training.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
+from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.metrics import MetricsLog, Window, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
 from alignkit.training.run import (
+    agree_on_stop,
     check_output_dir,
     claim_output_dir,
+    describe_tail,
     interrupt,
     load_inputs,
     make_accelerator,
+    resume_state,
     save_final,
+    save_step,
     split_eval,
     step_stream,
     steps_per_epoch,
+)
+from alignkit.training.strategy import (
+    clip_gradients,
+    describe,
+    equal_passes,
+    eval_model,
+    is_sharded,
+    load_full_optimizer_state,
 )
 from alignkit.training.tracking import open_tracking
 
@@ -99,29 +112,32 @@ def unit_logps(model, unit) -> tuple[torch.Tensor, torch.Tensor]:
     return sums, counts
 
 
-def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow]], cfg: SFTConfig, pad_id: int,
-               accelerator: Accelerator, guard: NonFiniteGuard, step: int) -> tuple[float, int, float, float, bool]:
+def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow]], weight: float, cfg: SFTConfig,
+               pad_id: int, accelerator: Accelerator, guard: NonFiniteGuard,
+               step: int) -> tuple[float, int, float, float, bool]:
     """One optimizer step over its micro-batches: (summed NLL, trained tokens, grad norm, lr, applied), global.
 
     Each micro-batch is laid out as `cfg.layout` says; each forward pass is followed by its backward, so only
-    one pass's activations are alive. A step whose loss or gradient norm is not finite is not applied."""
+    one pass's activations are alive. A step whose loss or gradient norm is not finite is not applied. `weight`
+    0 marks a filler row (see `training.run.step_stream`): it runs the passes and counts for nothing."""
     device = accelerator.device
     layout = resolve_layout(cfg.layout, device)
     units = [u.to(device) for rows in step_batches for u in sft_units(rows, layout, pad_id, cfg.max_length)]
-    local_tokens = torch.tensor(float(sum(trained_label_count(rows) for rows in step_batches)), device=device)
+    local_tokens = torch.tensor(weight * sum(trained_label_count(rows) for rows in step_batches), device=device)
     step_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1)
     step_nll = torch.zeros((), device=device)
-    for i, unit in enumerate(units):
-        last = i == len(units) - 1
+    passes = equal_passes(units, units[0], accelerator)
+    for i, (unit, pass_weight) in enumerate(passes):
+        last = i == len(passes) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             sums, _ = unit_logps(model, unit)
+            sums = sums * (weight * pass_weight)
             # DDP averages gradients over processes; multiplying by their number restores the global sum.
             loss = sft_loss(sums, torch.ones_like(sums, dtype=torch.bool), step_tokens) * accelerator.num_processes
             accelerator.backward(loss)
         step_nll -= sums.detach().sum()
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
-                                                  float("inf")))
+    grad_norm = clip_gradients(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"), accelerator)
     lr = scheduler.get_last_lr()[0]
     nll, tokens = accelerator.reduce(step_nll, "sum").item(), int(step_tokens.item())
     applied = guard.check(step, nll / tokens, grad_norm)
@@ -134,16 +150,19 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
 
 @torch.no_grad()
 def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accelerator: Accelerator) -> dict:
+    model = eval_model(model, accelerator)
     model.eval()
     layout = resolve_layout(cfg.layout, accelerator.device)
     shard = rows[accelerator.process_index::accelerator.num_processes]
     nll = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
-    for start in range(0, len(shard), cfg.batch_size):
-        for unit in sft_units(shard[start:start + cfg.batch_size], layout, pad_id, cfg.max_length):
-            sums, counts = unit_logps(model, unit.to(accelerator.device))
-            nll -= sums.sum()
-            tokens += counts.sum()
+    units = [u for start in range(0, len(shard), cfg.batch_size)
+             for u in sft_units(shard[start:start + cfg.batch_size], layout, pad_id, cfg.max_length)]
+    filler = sft_units(rows[:1], layout, pad_id, cfg.max_length)[0]
+    for unit, weight in equal_passes(units, filler, accelerator):
+        sums, counts = unit_logps(model, unit.to(accelerator.device))
+        nll -= weight * sums.sum()
+        tokens += weight * counts.sum()
     model.train()
     nll, tokens = accelerator.reduce(nll, "sum"), accelerator.reduce(tokens, "sum")
     loss = (nll / tokens.clamp(min=1)).item()
@@ -154,13 +173,15 @@ def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accel
 
 def run(cfg: SFTConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
+    if wants_relaunch(cfg):
+        return relaunch(cfg, "sft")
     return train(cfg)[0]
 
 
 def train(cfg: SFTConfig):
     """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
     started = time.time()
-    accelerator = make_accelerator(cfg.dtype)
+    accelerator = make_accelerator(cfg.dtype, cfg.strategy)
     is_main = accelerator.is_main_process
     out = check_output_dir(cfg, "sft")
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
@@ -188,21 +209,26 @@ def train(cfg: SFTConfig):
     # The data position (epoch, index of the next micro-batch) is what makes a resume continue mid-epoch.
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "step_seconds": 0.0}
     if checkpoint is not None:
-        state = load_training_state(checkpoint, optimizer, scheduler)
+        state = resume_state(checkpoint, optimizer, scheduler, accelerator)
         log(f"resuming from {checkpoint} (step {state['step']})")
         if state.get("total_steps", total_steps) != total_steps:
             log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
                 "from the checkpoint's position, not from a schedule planned for the new length")
     state["total_steps"] = total_steps
     model, optimizer = accelerator.prepare(model, optimizer)
+    if checkpoint is not None and is_sharded(accelerator):
+        load_full_optimizer_state(checkpoint / "optimizer.pt", model, optimizer)
     model.train()
     metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"], tracking=open_tracking(cfg, out))
                if is_main else None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{len(train_rows)} training rows, {len(eval_rows)} eval rows, {total_steps} steps, "
-        f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation, "
+        f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation "
+        f"({describe(accelerator)}), "
         f"{trainable:,} trainable parameters, precision {accelerator.mixed_precision}, "
         f"layout {resolve_layout(cfg.layout, accelerator.device)}, activation checkpointing {recompute}")
+    if tail := describe_tail(len(train_rows), cfg.batch_size, world):
+        log(tail)
 
     pad_id = tokenizer.pad_token_id
     stream = step_stream(train_rows, cfg, state["epoch"], state["index"], rank, world)
@@ -215,10 +241,10 @@ def train(cfg: SFTConfig):
     guard = NonFiniteGuard(cfg.max_bad_steps)
     with StopOnSignal() as stop:
         while state["step"] < total_steps:
-            step_batches, epoch, index = next(stream)
+            step_batches, weight, epoch, index = next(stream)
             step_began = time.time()
             step_nll, step_tokens, grad_norm, lr, applied = train_step(
-                model, optimizer, scheduler, step_batches, cfg, pad_id, accelerator, guard, state["step"] + 1)
+                model, optimizer, scheduler, step_batches, weight, cfg, pad_id, accelerator, guard, state["step"] + 1)
             last_loss = step_nll / step_tokens
             state.update(step=state["step"] + 1, epoch=epoch, index=index, tokens=state["tokens"] + step_tokens,
                          loss=last_loss)
@@ -240,13 +266,11 @@ def train(cfg: SFTConfig):
                     metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
                 progress.write(f"step {step}: eval loss {eval_result['eval/loss']:.4f}")
             due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
-            if (due and guard.in_a_row == 0) or stop.received:  # never checkpoint in the middle of a NaN streak
+            stopping = agree_on_stop(stop, accelerator)
+            if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
-                if is_main:
-                    save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                    scheduler, state, cfg.save_total_limit)
-                accelerator.wait_for_everyone()
-            if stop.received:
+                save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)
+            if stopping:
                 progress.close()
                 raise interrupt(stop, step, out)
     progress.close()

@@ -47,7 +47,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, scheduler, train_state: dict,
-                    keep: int) -> Path:
+                    keep: int, process_rngs: list[dict] | None = None, sharded: tuple[dict, dict] | None = None
+                    ) -> Path:
+    """Write step-N/ atomically. `process_rngs` holds every process's RNG state (rank order) under a
+    distributed launch: rank 0's goes to rng.pt, rank r's to rng-r.pt, so each process resumes its own draws.
+    `sharded` is (full weights, full optimizer state) gathered from FSDP shards, saved instead of the
+    model's and optimizer's own (which would hold only this process's shard)."""
+    weights, optimizer_state = sharded or (None, optimizer.state_dict())
     final = root / f"step-{step}"
     staging = root / f".tmp-step-{step}"
     try:
@@ -55,11 +61,12 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
-        model.save_pretrained(staging / "model")
+        model.save_pretrained(staging / "model", state_dict=weights)
         tokenizer.save_pretrained(staging / "model")
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(rng_state(), staging / "rng.pt")
+        for rank, state in enumerate(process_rngs or [rng_state()]):
+            torch.save(state, staging / ("rng.pt" if rank == 0 else f"rng-{rank}.pt"))
         (staging / "state.json").write_text(json.dumps(train_state, indent=1))
         _fsync_tree(staging)
         if final.exists():
@@ -103,8 +110,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_training_state(checkpoint: Path, optimizer, scheduler) -> dict:
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+def load_training_state(checkpoint: Path, optimizer, scheduler, rank: int = 0) -> dict:
+    """Optimizer, scheduler and this process's RNG state (rank 0's where the checkpoint has none for `rank`).
+
+    `optimizer` None leaves the optimizer state for later: an FSDP run loads it into the sharded optimizer
+    after `prepare` (`training.strategy.load_full_optimizer_state`)."""
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+    own = checkpoint / f"rng-{rank}.pt"
+    set_rng_state(torch.load(own if rank and own.is_file() else checkpoint / "rng.pt", weights_only=True))
     return json.loads((checkpoint / "state.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -15,8 +16,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from alignkit.data.batches import micro_batches
+from alignkit.data.batches import micro_batches, tail_rows
 from alignkit.errors import Interrupted, RunError, UserError
+from alignkit.training.checkpoint import load_training_state, save_checkpoint
+from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints", "tensorboard", "wandb",
              "mlruns", "tracking.json")
@@ -32,7 +35,7 @@ def mixed_precision(dtype: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
-def make_accelerator(dtype: str) -> Accelerator:
+def make_accelerator(dtype: str, strategy: str = "auto") -> Accelerator:
     # transformers 5 warns on every peft model about a renamed attribute peft still reads; not ours to act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     # peft looks for config.json beside an adapter's base to see if the vocabulary grew; a LoRA stage trained on
@@ -42,7 +45,7 @@ def make_accelerator(dtype: str) -> Accelerator:
     # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
     # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision(dtype), cpu=not torch.cuda.is_available())
+    return build_accelerator(mixed_precision(dtype), strategy)
 
 
 def load_inputs(cfg):
@@ -106,23 +109,38 @@ def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
 
 
 def step_stream(rows: list, cfg, epoch: int, index: int, rank: int, world: int):
-    """Yield (micro-batches of one optimizer step, epoch, index after it), endlessly, from a saved position."""
+    """Yield (micro-batches of one step, loss weight, epoch, index after it), endlessly, from a saved position.
+
+    Empty micro-batches (this process's share of a short last global batch) are left out. A process left with
+    no row at all in a step must still run a forward and backward pass, since the others wait for its
+    gradients: it gets one real row with loss weight 0, which adds nothing to the loss, gradients or metrics."""
     while True:
         batches = micro_batches(rows, cfg.batch_size, cfg.seed, epoch, rank, world)
         while index < len(batches):
-            step_batches = batches[index:index + cfg.grad_accum]
-            index += len(step_batches)
-            yield step_batches, epoch, index
+            live = [b for b in batches[index:index + cfg.grad_accum] if b]
+            index = min(index + cfg.grad_accum, len(batches))
+            yield (live, 1.0, epoch, index) if live else ([rows[:1]], 0.0, epoch, index)
         epoch, index = epoch + 1, 0
+
+
+def describe_tail(num_rows: int, batch_size: int, world: int) -> str:
+    """The log line about an epoch's short last global batch, or '' when the rows divide evenly."""
+    tail = tail_rows(num_rows, batch_size, world)
+    if not tail:
+        return ""
+    return (f"{tail} rows of the last partial global batch of each epoch are trained as a smaller batch "
+            f"(split over {world} processes)" if world > 1 else
+            f"{tail} rows of the last partial batch of each epoch are trained as a smaller batch")
 
 
 def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
     """final/: written beside, then renamed into place, so a failed save never leaves half a model."""
     final, staging = out / "final", out / ".final.tmp"
+    weights = full_state_dict(model, accelerator)  # every process takes part in gathering FSDP shards
     if accelerator.is_main_process:
         try:
             shutil.rmtree(staging, ignore_errors=True)
-            accelerator.unwrap_model(model).save_pretrained(staging)
+            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
             if final.exists():
                 shutil.rmtree(final)
@@ -132,6 +150,51 @@ def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
             raise RunError(f"could not save {final} ({err.strerror or err}); checkpoints are intact") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def process_rngs(accelerator: Accelerator) -> list[dict]:
+    """Every process's RNG state, rank order, for the main process to save (called by all processes)."""
+    from accelerate.utils import gather_object
+
+    from alignkit.training.checkpoint import rng_state
+
+    return gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+
+
+def save_step(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
+              accelerator: Accelerator) -> None:
+    """A checkpoint of this step: what must be gathered is gathered by every process, the main one writes."""
+    rngs = process_rngs(accelerator)
+    state["sharded"] = is_sharded(accelerator)
+    sharded = full_training_state(model, optimizer, accelerator)
+    if accelerator.is_main_process:
+        save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
+                        state, keep, rngs, sharded)
+    accelerator.wait_for_everyone()
+
+
+def resume_state(checkpoint: Path, optimizer, scheduler, accelerator: Accelerator) -> dict:
+    """Scheduler, RNG and position from `checkpoint`, and the optimizer state, except under FSDP, where it can
+    only be loaded once `prepare` has sharded the optimizer (`load_full_optimizer_state`)."""
+    sharded = json.loads((checkpoint / "state.json").read_text()).get("sharded", False)
+    if sharded != is_sharded(accelerator):
+        raise UserError(f"{checkpoint}: saved by a run {'with' if sharded else 'without'} FSDP; resume it with "
+                        f"{'strategy: fsdp and several processes' if sharded else 'strategy: ddp'}")
+    return load_training_state(checkpoint, None if sharded else optimizer, scheduler, accelerator.process_index)
+
+
+def agree_on_stop(stop, accelerator: Accelerator) -> bool:
+    """Whether any process received SIGINT/SIGTERM, the same answer on all of them, once per step.
+
+    A scheduler's signal can reach the processes a step apart; the process that has it must not start saving
+    (a collective) while the others start another step, so each step ends with a max-reduce of the signal
+    number, and a process that got none adopts it."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(stop.received or 0), device=accelerator.device)
+        received = int(accelerator.reduce(flag, "max").item())
+        if received and stop.received is None:
+            stop.received = received
+    return stop.received is not None
 
 
 def interrupt(stop, step: int, out: Path) -> Interrupted:
