@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from alignkit.errors import UserError
+from alignkit.training.memory_plan import ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER
 
-ACTIVATION_BYTES = 34  # per token × hidden unit × layer, 16-bit activations; twice that in fp32
 MARGIN = 0.9
 HEAD_CHUNK = 1024  # positions whose logits exist at once (alignkit.losses.logprobs): fp32 logits, softmax, grad
 
@@ -70,7 +70,8 @@ def configure(model, setting: str, longest_forward_tokens: int, device: torch.de
         # on a GPU the weights are still on the CPU here: they will take device memory too
         weights = sum(p.numel() * p.element_size() for p in params) if params[0].device.type != device.type else 0
         head = 3 * 4 * HEAD_CHUNK * int(getattr(base.config, "vocab_size", 0))
-        activations = ACTIVATION_BYTES * (1 if half else 2) * longest_forward_tokens * width * layers + head
+        per_token = ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER * (1 if half else 2) * width * layers
+        activations = per_token * longest_forward_tokens + head
         n = every_n_layers(12.0 * trained + weights + extra_bytes, activations, free_memory(device), layers)
         if n is None:
             return "off (activations fit in memory)"
