@@ -96,11 +96,16 @@ def _stage(i: int, raw: Any, plan: dict, out: Path, where: str) -> Stage:
     return Stage(name, method, folder, merged)
 
 
+def start_model(stages: list[Stage], i: int) -> str:
+    """The model stage i starts from: its own `model`, else the previous stage's final/."""
+    return stages[i].values["model"] or str(stages[i - 1].folder / "final")
+
+
 def check_stages(stages: list[Stage], where: str) -> None:
     """Build every stage's config (a later stage's model stands in until its predecessor exists) and check
     that its files exist, so a typo in the last stage stops the pipeline before the first one trains."""
     for i, stage in enumerate(stages):
-        values = {**stage.values, "model": stage.values["model"] or str(stages[i - 1].folder / "final")}
+        values = {**stage.values, "model": start_model(stages, i)}
         config = build_config(METHODS[stage.method], values, f"{where}: stages[{i}] ({stage.name})")
         for path in source_paths(config.data) + config.eval_data:
             require(Path(path))
@@ -119,24 +124,24 @@ def run(cfg) -> dict:
     _claim(out, cfg, Path(cfg.plan).read_text(encoding="utf-8"))
 
     report: dict[str, Any] = {"plan": str(cfg.plan), "output_dir": str(out), "stages": []}
-    start_model = str(plan.get("model", "smollm2-135m-instruct"))
+    base_model = str(plan.get("model", "smollm2-135m-instruct"))
     if evals and plan.get("eval_base"):
-        report["base"] = {"model": start_model,
-                          "abilities": score_stage(start_model, out / "00-base", evals, plan)}
-    previous, retrained = None, False
+        report["base"] = {"model": base_model,
+                          "abilities": score_stage(base_model, out / "00-base", evals, plan)}
+    retrained = False
     for i, stage in enumerate(stages):
-        values = {**stage.values, "model": stage.values["model"] or str(previous)}
+        values = {**stage.values, "model": start_model(stages, i)}
         log(f"stage {i + 1}/{len(stages)}: {stage.name} ({stage.method}) from {values['model']}")
         # once a stage trains, the stages that start from it have a new start model: none may be skipped
         follows = stage.values["model"] is None
         summary, trained = run_stage(stage, values, f"{cfg.plan}: stages[{i}] ({stage.name})", retrained and follows)
         retrained = trained or (retrained and follows)
-        previous = stage.folder / "final"
+        final = stage.folder / "final"
         entry = {"name": stage.name, "method": stage.method, "model": values["model"],
-                 "output_dir": str(stage.folder), "final": str(previous),
+                 "output_dir": str(stage.folder), "final": str(final),
                  **{k: summary.get(k) for k in ("final_loss", "steps", "trained_tokens", "sources")}}
         if evals:
-            entry["abilities"] = score_stage(str(previous), stage.folder, evals, plan)
+            entry["abilities"] = score_stage(str(final), stage.folder, evals, plan)
         report["stages"].append(entry)
         _write_json(out / "pipeline.json", report)
     if evals:
