@@ -89,7 +89,7 @@ def run_alignkit(args, rows_path: Path, out: Path) -> dict:
               "max_length": 512, "lr": 1e-5, "max_steps": args.warmup + args.steps, "save_steps": 0,
               "lr_scheduler": "constant", "lora": args.lora, "lora_r": 16, "lora_alpha": 32, "seed": 0,
               "logging_steps": 1, "overwrite": True,
-              "chat_template": None if args.format == "chat" else "plain"}
+              "chat_template": None if args.format == "chat" else "plain", "compile": args.compile}
     started = time.perf_counter()
     recipe, make = (sft, make_sft_config) if args.mode == "sft" else (dpo, make_dpo_config)
     summary = recipe.run(make(common))
@@ -205,6 +205,9 @@ def main() -> None:
     parser.add_argument("--padding-free", action="store_true", help="ask TRL tuned for padding_free (SFT)")
     parser.add_argument("--format", choices=["chat", "plain"], default="chat",
                         help="chat rows, or plain strings for an exact first-loss comparison (default: %(default)s)")
+    parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
+                        help="alignkit's compile setting (default: %(default)s: the measured steps stand for a long "
+                             "run, where auto compiles; compiling happens in the warm-up steps)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -238,7 +241,7 @@ def main() -> None:
     for tool in tools:
         command = [sys.executable, __file__, "--worker", tool, "--workdir", str(workdir), "--mode", args.mode,
                    "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--format",
-                   args.format]
+                   args.format, "--compile", args.compile]
         command += ["--lora"] if args.lora else []
         command += ["--padding-free"] if args.padding_free else []
         print(f"running {tool} ...", flush=True)
@@ -252,7 +255,7 @@ def main() -> None:
     read_per_trained = sft_tokens_per_trained(rows, tokenizer) if args.mode == "sft" else None
     print(f"\nmode {args.mode}{' + LoRA' if args.lora else ''}, {args.format} rows, model {args.model} "
           f"({n_params / 1e6:.1f}M params, vocabulary {config.get('vocab_size')}), batch 4, max_length 512, "
-          f"{args.steps} measured steps after {args.warmup} warm-up")
+          f"{args.steps} measured steps after {args.warmup} warm-up, alignkit compile {args.compile}")
     print(f"{'tool':<14}{'tokens/s':>10}{'pairs/s':>9}{'peak RSS MiB':>14}{'MFU %':>7}{'first loss':>12}"
           f"{'start-up s':>12}")
     for tool, r in results.items():

@@ -36,7 +36,7 @@ from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, resolve_model
-from alignkit.training import checkpointing
+from alignkit.training import checkpointing, compiling
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -351,6 +351,10 @@ def train(cfg: DPOConfig):
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
+    is_compiled, compiled = compiling.configure(model, cfg.compile, total_steps, accelerator.device,
+                                                is_sharded(accelerator))
+    if is_compiled and reference.model is not None:
+        compiling.configure(reference.model, "on", total_steps, accelerator.device, False)
     state = {"step": 0, "epoch": 0, "index": 0, "pairs": 0, "tokens": 0, "train_seconds": 0.0,
              "step_seconds": 0.0}
     if checkpoint is not None:
@@ -370,7 +374,7 @@ def train(cfg: DPOConfig):
         f"{cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation ({describe(accelerator)}), "
         f"losses {'+'.join(cfg.loss_type)}, "
         f"beta {cfg.beta}, reference {reference.kind}, precision {accelerator.mixed_precision}, "
-        f"layout {dpo_layout(cfg)}, activation checkpointing {recompute}")
+        f"layout {dpo_layout(cfg)}, activation checkpointing {recompute}, compile {compiled}")
     if tail := describe_tail(len(train_pairs), cfg.batch_size, world):
         log(tail)
 

@@ -27,7 +27,7 @@ from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy
-from alignkit.training import checkpointing
+from alignkit.training import checkpointing, compiling
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -205,6 +205,7 @@ def train(cfg: SFTConfig):
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
+    _, compiled = compiling.configure(model, cfg.compile, total_steps, accelerator.device, is_sharded(accelerator))
 
     # The data position (epoch, index of the next micro-batch) is what makes a resume continue mid-epoch.
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "step_seconds": 0.0}
@@ -226,7 +227,8 @@ def train(cfg: SFTConfig):
         f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation "
         f"({describe(accelerator)}), "
         f"{trainable:,} trainable parameters, precision {accelerator.mixed_precision}, "
-        f"layout {resolve_layout(cfg.layout, accelerator.device)}, activation checkpointing {recompute}")
+        f"layout {resolve_layout(cfg.layout, accelerator.device)}, activation checkpointing {recompute}, "
+        f"compile {compiled}")
     if tail := describe_tail(len(train_rows), cfg.batch_size, world):
         log(tail)
 
