@@ -80,3 +80,18 @@ def test_dpo_lora_compiled_gives_the_same_metrics(tmp_path, tiny_model_dir):
     for a, b in zip(rows_of(tmp_path / "off"), rows_of(tmp_path / "on"), strict=True):
         for key in ("loss", "rewards/margins", "logps/chosen"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def test_two_processes_compiled_match_one_process_plain(tmp_path, tiny_model_dir):
+    """DDP over compiled layers (each process compiles its own): the same trajectory as one plain process."""
+    from tests.test_distributed import SFT_ROWS, metrics, run
+
+    data = write_jsonl(tmp_path / "rows.jsonl", SFT_ROWS)
+    common = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "3", "--dtype", "fp32",
+              "--save-steps", "0", "--grad-accum", "2", "--lr", "1e-3"]
+    run([*common, "--batch-size", "4", "--output-dir", str(tmp_path / "one"), "--compile", "off"], processes=1)
+    log = run([*common, "--batch-size", "2", "--output-dir", str(tmp_path / "two"), "--compile", "on",
+               "--num-processes", "2"], processes=1)
+    assert "(ddp)" in log and "compile 2 decoder layers" in log
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
