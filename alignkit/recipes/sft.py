@@ -50,12 +50,13 @@ from alignkit.training.run import (
     steps_per_epoch,
 )
 from alignkit.training.strategy import (
-    clip_gradients,
+    backward,
     describe,
     equal_passes,
     eval_model,
-    is_sharded,
-    load_full_optimizer_state,
+    load_partitioned_optimizer_state,
+    optimizer_step,
+    prepare,
 )
 from alignkit.training.tracking import open_tracking
 
@@ -132,17 +133,14 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             sums, _ = unit_logps(model, unit)
             sums = sums * (weight * pass_weight)
-            # DDP averages gradients over processes; multiplying by their number restores the global sum.
+            # DDP and ZeRO average gradients over processes; multiplying by their number restores the sum.
             loss = sft_loss(sums, torch.ones_like(sums, dtype=torch.bool), step_tokens) * accelerator.num_processes
-            accelerator.backward(loss)
+            backward(model, loss, last, accelerator)
         step_nll -= sums.detach().sum()
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = clip_gradients(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"), accelerator)
     lr = scheduler.get_last_lr()[0]
     nll, tokens = accelerator.reduce(step_nll, "sum").item(), int(step_tokens.item())
-    applied = guard.check(step, nll / tokens, grad_norm)
-    if applied:
-        optimizer.step()
+    grad_norm, applied = optimizer_step(model, optimizer, cfg.max_grad_norm, accelerator,
+                                        lambda norm: guard.check(step, nll / tokens, norm))
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return nll, tokens, grad_norm, lr, applied
@@ -215,13 +213,13 @@ def train(cfg: SFTConfig):
             log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
                 "from the checkpoint's position, not from a schedule planned for the new length")
     state["total_steps"] = total_steps
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if checkpoint is not None and is_sharded(accelerator):
-        load_full_optimizer_state(checkpoint / "optimizer.pt", model, optimizer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
+    model, optimizer = prepare(model, optimizer, accelerator, cfg.batch_size, cfg.max_grad_norm)
+    if checkpoint is not None:
+        load_partitioned_optimizer_state(checkpoint, model, optimizer, accelerator)
     model.train()
     metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"], tracking=open_tracking(cfg, out))
                if is_main else None)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{len(train_rows)} training rows, {len(eval_rows)} eval rows, {total_steps} steps, "
         f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation "
         f"({describe(accelerator)}), "
