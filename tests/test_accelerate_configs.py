@@ -45,6 +45,17 @@ def test_a_deepspeed_launch_without_deepspeed_installed_stops_with_one_line(monk
         build_accelerator("no", "auto", "fp32")
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_deepspeed_launch_with_another_strategy_in_the_config_stops_with_one_line(monkeypatch, strategy):
+    from alignkit.errors import UserError
+    from alignkit.training.strategy import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=f"DeepSpeed and the config for strategy: {strategy}; drop one"):
+        build_accelerator("no", strategy, "fp32")
+
+
 def test_an_fsdp_launch_asking_for_other_settings_is_refused(monkeypatch):
     """The FSDP settings alignkit is written for are fixed; a config asking for FSDP1 must not be half-honoured."""
     from alignkit.errors import UserError
