@@ -182,6 +182,15 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_command(argv)
+    if "deepspeed" in sys.modules:  # imported by a DeepSpeed launch only; the check costs no import
+        from alignkit.training.zero import leave_deepspeed_process
+
+        leave_deepspeed_process(code)  # returns only outside a DeepSpeed launch
+    return code
+
+
+def run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(join_negative_numbers(sys.argv[1:] if argv is None else argv))

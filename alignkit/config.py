@@ -65,8 +65,9 @@ class TrainConfig:
                                                  "auto (only when the largest forward pass would not fit, and then "
                                                  "only as many layers as needed), on or off",
                                          choices=["auto", "on", "off"])
-    compile: str = _opt("auto", "torch.compile the decoder layers: auto (runs of 100 steps or more, without "
-                                "FSDP or activation checkpointing), on or off", choices=["auto", "on", "off"])
+    compile: str = _opt("auto", "torch.compile the decoder layers: auto (runs of 100 steps or more, one "
+                                "process or DDP, no activation checkpointing), on or off",
+                        choices=["auto", "on", "off"])
     dtype: str = _opt("auto", "auto (fp32 weights + bf16 autocast where supported), fp32 or bf16",
                       choices=["auto", "fp32", "bf16"])
     seed: int = _opt(42, "seed for data order, initialisation of LoRA weights and dropout")

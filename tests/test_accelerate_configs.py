@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,27 @@ def test_config_loads_and_names_valid_launch_keys(name):
         assert config.deepspeed_config["zero_stage"] == zero_stage
 
 
-def test_a_deepspeed_launch_is_refused_with_one_line(monkeypatch):
-    """accelerate launch with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED; alignkit must not train on."""
+def test_a_deepspeed_launch_without_deepspeed_installed_stops_with_one_line(monkeypatch):
+    """accelerate launch with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED; without the package, one line."""
     from alignkit.errors import UserError
     from alignkit.training.strategy import build_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(UserError, match="DeepSpeed launches are not supported yet"):
-        build_accelerator("no", "auto")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
+    with pytest.raises(UserError, match=r"not installed: pip install 'alignkit\[deepspeed\]'"):
+        build_accelerator("no", "auto", "fp32")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_deepspeed_launch_with_another_strategy_in_the_config_stops_with_one_line(monkeypatch, strategy):
+    from alignkit.errors import UserError
+    from alignkit.training.strategy import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=f"DeepSpeed and the config for strategy: {strategy}; drop one"):
+        build_accelerator("no", strategy, "fp32")
 
 
 def test_an_fsdp_launch_asking_for_other_settings_is_refused(monkeypatch):

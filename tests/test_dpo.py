@@ -252,3 +252,17 @@ def test_first_step_loss_and_rewards_match_trl_dpo_trainer(tmp_path, tiny_model_
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-4), key
+
+
+@pytest.mark.parametrize("reference", ["copy", "precomputed"])
+def test_bf16_first_step_is_log_2_whatever_the_reference(tmp_path, tiny_model_dir, reference):
+    """Under bf16 autocast the policy's and the reference's log-probs are computed alike (the output head
+    included: `training.strategy.autocast_region`), so at step 1, where policy == reference, the loss is log 2."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("dtype auto runs fp32 on this CPU (no fast bf16)")
+    data = write_jsonl(tmp_path / "prefs.jsonl", PAIRS)
+    cfg = make_dpo_config(model=str(tiny_model_dir), data=[str(data)], output_dir=str(tmp_path / "out"),
+                          batch_size=4, max_steps=1, dtype="auto", reference=reference, save_steps=0)
+    recipe.run(cfg)
+    row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["loss"] == pytest.approx(math.log(2), abs=1e-7) and row["rewards/margins"] == 0.0

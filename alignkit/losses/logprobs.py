@@ -31,7 +31,11 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int =
 
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                  softcap: float | None) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
+    return _target_logps(F.linear(hidden, weight, bias), targets, softcap)
+
+
+def _target_logps(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = logits.float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return -F.cross_entropy(logits, targets, reduction="none")
@@ -45,10 +49,19 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
     recomputed in the backward pass (activation checkpointing), so the whole [N, V] logits never exist at once.
     With a 49k (SmolLM2) to 152k (Qwen) vocabulary these logits are the largest tensor of a step.
     """
+    # Under DeepSpeed ZeRO-3 (a `ds_id` on the weight) the head's weight is whole only during a call of the head
+    # (its hooks gather and free it): the head is called rather than its weight read, and the chunk is not
+    # recomputed in the backward pass, where ZeRO-3 would not have gathered a frozen head's weight again
+    # (CheckpointError: weight of shape [0]); its logits are kept for the backward instead (up to [N, V] float32).
+    # Elsewhere the weight tensor of the forward pass is passed: a recomputation calling the head crashed FSDP2
+    # runs (SIGSEGV: by then the attribute points at unsharded storage FSDP2 has freed).
+    zero3 = hasattr(head.weight, "ds_id")
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size], softcap)
-        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        if zero3:
+            pieces.append(_target_logps(head(args[0]), args[3], softcap))
+        elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
             pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(*args))

@@ -36,7 +36,7 @@ from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, resolve_model
-from alignkit.training import checkpointing, compiling
+from alignkit.training import checkpointing, compiling, zero
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -59,12 +59,15 @@ from alignkit.training.run import (
     steps_per_epoch,
 )
 from alignkit.training.strategy import (
-    clip_gradients,
+    autocast_region,
+    backward,
     describe,
     equal_passes,
     eval_model,
     is_sharded,
-    load_full_optimizer_state,
+    load_partitioned_optimizer_state,
+    optimizer_step,
+    prepare,
     shard_frozen,
 )
 from alignkit.training.tracking import open_tracking
@@ -169,8 +172,10 @@ def build_reference(cfg: DPOConfig, model_path: Path, accelerator: Accelerator) 
     ref = load_model(source, dtype, cfg.trust_remote_code)
     ref.requires_grad_(False)
     ref.eval()
-    # Under FSDP the reference is sharded like the policy (frozen: no gradients, no optimizer state), so it
-    # costs each process 1/N of a model; otherwise each process holds a whole frozen copy.
+    # Under FSDP and ZeRO-3 the reference is partitioned like the policy (frozen: no gradients, no optimizer
+    # state), so it costs each process 1/N of a model; otherwise each process holds a whole frozen copy.
+    if zero.is_deepspeed(accelerator):
+        return Reference(kind, zero.frozen_reference(ref, accelerator))
     if is_sharded(accelerator):
         ref = shard_frozen(ref.to(accelerator.device))
     return Reference(kind, accelerator.prepare_model(ref, evaluation_mode=True))
@@ -196,7 +201,7 @@ def precompute(reference: Reference, policy, pair_sets: list[list[PreferenceRow]
         for start in tqdm(range(0, len(all_pairs), cfg.batch_size), desc="reference log-probs",
                           disable=not accelerator.is_main_process):
             chunk = all_pairs[start:start + cfg.batch_size]
-            with accelerator.autocast():
+            with autocast_region(accelerator):
                 chosen, rejected = reference_logps(source, policy, chunk, dpo_layout(cfg), pad_id, accelerator.device)
             stored += list(zip(chosen.float().tolist(), rejected.float().tolist(), strict=True))
         if accelerator.is_main_process:
@@ -257,25 +262,23 @@ def train_step(model, reference, optimizer, scheduler, step_batches, weight: flo
     # Padded: a micro-batch per forward pass. Otherwise one pair per pass, each followed by its backward.
     units = step_batches if dpo_layout(cfg) == "padded" else [[pair] for pairs in step_batches for pair in pairs]
     passes = equal_passes(units, units[0], accelerator)
-    for i, (pairs, pass_weight) in enumerate(passes):
-        last, scale = i == len(passes) - 1, weight * pass_weight
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss, sums, n_tokens = batch_loss(model, reference, pairs, cfg, pad_id, step_pairs, step_chosen_tokens,
-                                              device)
-            # DDP averages gradients over processes; multiplying by their number restores the global sum.
-            accelerator.backward(loss * scale * accelerator.num_processes)
-        totals["loss"] += scale * loss.detach()
-        for name, value in sums.items():
-            totals[name] += scale * value / step_pairs
-        tokens += int(scale * n_tokens)
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = clip_gradients(params, max_norm, accelerator)
+    with autocast_region(accelerator):
+        for i, (pairs, pass_weight) in enumerate(passes):
+            last, scale = i == len(passes) - 1, weight * pass_weight
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                loss, sums, n_tokens = batch_loss(model, reference, pairs, cfg, pad_id, step_pairs, step_chosen_tokens,
+                                                  device)
+                # DDP and ZeRO average gradients over processes; multiplying by their number restores the sum.
+                backward(model, loss * scale * accelerator.num_processes, last, accelerator)
+            totals["loss"] += scale * loss.detach()
+            for name, value in sums.items():
+                totals[name] += scale * value / step_pairs
+            tokens += int(scale * n_tokens)
     lr = scheduler.get_last_lr()[0]
     row = {name: accelerator.reduce(value, "sum").item() for name, value in totals.items()}
-    if guard.check(step, row["loss"], grad_norm):
-        optimizer.step()
-    else:
+    grad_norm, applied = optimizer_step(model, optimizer, cfg.max_grad_norm, accelerator,
+                                        lambda norm: guard.check(step, row["loss"], norm))
+    if not applied:
         row["skipped"] = True
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -293,12 +296,13 @@ def evaluate(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOCo
     total_chosen = float(max(1, chosen_tokens(pairs)))
     totals = {name: torch.zeros((), device=accelerator.device) for name in METRICS}
     chunks = [shard[start:start + cfg.batch_size] for start in range(0, len(shard), cfg.batch_size)]
-    for chunk, weight in equal_passes(chunks, pairs[:1], accelerator):
-        loss, sums, _ = batch_loss(model, reference, chunk, cfg, pad_id, total_pairs, total_chosen,
-                                   accelerator.device)
-        totals["loss"] += weight * loss
-        for name, value in sums.items():
-            totals[name] += weight * value / total_pairs
+    with autocast_region(accelerator):
+        for chunk, weight in equal_passes(chunks, pairs[:1], accelerator):
+            loss, sums, _ = batch_loss(model, reference, chunk, cfg, pad_id, total_pairs, total_chosen,
+                                       accelerator.device)
+            totals["loss"] += weight * loss
+            for name, value in sums.items():
+                totals[name] += weight * value / total_pairs
     model.train()
     return {f"eval/{name}": accelerator.reduce(value, "sum").item() for name, value in totals.items()}
 
@@ -352,7 +356,7 @@ def train(cfg: DPOConfig):
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
     is_compiled, compiled = compiling.configure(model, cfg.compile, total_steps, accelerator.device,
-                                                is_sharded(accelerator))
+                                                is_sharded(accelerator) or zero.is_deepspeed(accelerator))
     if is_compiled and reference.model is not None:
         compiling.configure(reference.model, "on", total_steps, accelerator.device, False)
     state = {"step": 0, "epoch": 0, "index": 0, "pairs": 0, "tokens": 0, "train_seconds": 0.0,
@@ -364,9 +368,9 @@ def train(cfg: DPOConfig):
             log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
                 "from the checkpoint's position, not from a schedule planned for the new length")
     state["total_steps"] = total_steps
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if checkpoint is not None and is_sharded(accelerator):
-        load_full_optimizer_state(checkpoint / "optimizer.pt", model, optimizer)
+    model, optimizer = prepare(model, optimizer, accelerator, cfg.batch_size, cfg.max_grad_norm)
+    if checkpoint is not None:
+        load_partitioned_optimizer_state(checkpoint, model, optimizer, accelerator)
     model.train()
     metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"], tracking=open_tracking(cfg, out))
                if is_main else None)

@@ -27,7 +27,7 @@ from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy
-from alignkit.training import checkpointing, compiling
+from alignkit.training import checkpointing, compiling, zero
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -50,12 +50,15 @@ from alignkit.training.run import (
     steps_per_epoch,
 )
 from alignkit.training.strategy import (
-    clip_gradients,
+    autocast_region,
+    backward,
     describe,
     equal_passes,
     eval_model,
     is_sharded,
-    load_full_optimizer_state,
+    load_partitioned_optimizer_state,
+    optimizer_step,
+    prepare,
 )
 from alignkit.training.tracking import open_tracking
 
@@ -127,22 +130,20 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
     step_tokens = accelerator.reduce(local_tokens, "sum").clamp(min=1)
     step_nll = torch.zeros((), device=device)
     passes = equal_passes(units, units[0], accelerator)
-    for i, (unit, pass_weight) in enumerate(passes):
-        last = i == len(passes) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            sums, _ = unit_logps(model, unit)
-            sums = sums * (weight * pass_weight)
-            # DDP averages gradients over processes; multiplying by their number restores the global sum.
-            loss = sft_loss(sums, torch.ones_like(sums, dtype=torch.bool), step_tokens) * accelerator.num_processes
-            accelerator.backward(loss)
-        step_nll -= sums.detach().sum()
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = clip_gradients(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"), accelerator)
+    with autocast_region(accelerator):
+        for i, (unit, pass_weight) in enumerate(passes):
+            last = i == len(passes) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                sums, _ = unit_logps(model, unit)
+                sums = sums * (weight * pass_weight)
+                # DDP and ZeRO average gradients over processes; multiplying by their number restores the sum.
+                loss = sft_loss(sums, torch.ones_like(sums, dtype=torch.bool), step_tokens) * accelerator.num_processes
+                backward(model, loss, last, accelerator)
+            step_nll -= sums.detach().sum()
     lr = scheduler.get_last_lr()[0]
     nll, tokens = accelerator.reduce(step_nll, "sum").item(), int(step_tokens.item())
-    applied = guard.check(step, nll / tokens, grad_norm)
-    if applied:
-        optimizer.step()
+    grad_norm, applied = optimizer_step(model, optimizer, cfg.max_grad_norm, accelerator,
+                                        lambda norm: guard.check(step, nll / tokens, norm))
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return nll, tokens, grad_norm, lr, applied
@@ -159,10 +160,11 @@ def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accel
     units = [u for start in range(0, len(shard), cfg.batch_size)
              for u in sft_units(shard[start:start + cfg.batch_size], layout, pad_id, cfg.max_length)]
     filler = sft_units(rows[:1], layout, pad_id, cfg.max_length)[0]
-    for unit, weight in equal_passes(units, filler, accelerator):
-        sums, counts = unit_logps(model, unit.to(accelerator.device))
-        nll -= weight * sums.sum()
-        tokens += weight * counts.sum()
+    with autocast_region(accelerator):
+        for unit, weight in equal_passes(units, filler, accelerator):
+            sums, counts = unit_logps(model, unit.to(accelerator.device))
+            nll -= weight * sums.sum()
+            tokens += weight * counts.sum()
     model.train()
     nll, tokens = accelerator.reduce(nll, "sum"), accelerator.reduce(tokens, "sum")
     loss = (nll / tokens.clamp(min=1)).item()
@@ -205,7 +207,8 @@ def train(cfg: SFTConfig):
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
-    _, compiled = compiling.configure(model, cfg.compile, total_steps, accelerator.device, is_sharded(accelerator))
+    _, compiled = compiling.configure(model, cfg.compile, total_steps, accelerator.device,
+                                      is_sharded(accelerator) or zero.is_deepspeed(accelerator))
 
     # The data position (epoch, index of the next micro-batch) is what makes a resume continue mid-epoch.
     state = {"step": 0, "epoch": 0, "index": 0, "tokens": 0, "train_seconds": 0.0, "step_seconds": 0.0}
@@ -216,13 +219,13 @@ def train(cfg: SFTConfig):
             log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
                 "from the checkpoint's position, not from a schedule planned for the new length")
     state["total_steps"] = total_steps
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if checkpoint is not None and is_sharded(accelerator):
-        load_full_optimizer_state(checkpoint / "optimizer.pt", model, optimizer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
+    model, optimizer = prepare(model, optimizer, accelerator, cfg.batch_size, cfg.max_grad_norm)
+    if checkpoint is not None:
+        load_partitioned_optimizer_state(checkpoint, model, optimizer, accelerator)
     model.train()
     metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"], tracking=open_tracking(cfg, out))
                if is_main else None)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"{len(train_rows)} training rows, {len(eval_rows)} eval rows, {total_steps} steps, "
         f"global batch {cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation "
         f"({describe(accelerator)}), "

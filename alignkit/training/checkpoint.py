@@ -47,12 +47,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, scheduler, train_state: dict,
-                    keep: int, process_rngs: list[dict] | None = None, sharded: tuple[dict, dict] | None = None
+                    keep: int, process_rngs: list[dict] | None = None,
+                    sharded: tuple[dict | None, dict | None] | None = None, engine_state: Path | None = None
                     ) -> Path:
     """Write step-N/ atomically. `process_rngs` holds every process's RNG state (rank order) under a
     distributed launch: rank 0's goes to rng.pt, rank r's to rng-r.pt, so each process resumes its own draws.
     `sharded` is (full weights, full optimizer state) gathered from FSDP shards, saved instead of the
-    model's and optimizer's own (which would hold only this process's shard)."""
+    model's and optimizer's own (which would hold only this process's shard); under DeepSpeed the optimizer
+    state is None and `engine_state`, the folder the engine wrote its partitions into, becomes deepspeed/."""
     weights, optimizer_state = sharded or (None, optimizer.state_dict())
     final = root / f"step-{step}"
     staging = root / f".tmp-step-{step}"
@@ -63,7 +65,10 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
         staging.mkdir()
         model.save_pretrained(staging / "model", state_dict=weights)
         tokenizer.save_pretrained(staging / "model")
-        torch.save(optimizer_state, staging / "optimizer.pt")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, staging / "optimizer.pt")
+        if engine_state is not None:
+            os.replace(engine_state, staging / "deepspeed")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         for rank, state in enumerate(process_rngs or [rng_state()]):
             torch.save(state, staging / ("rng.pt" if rank == 0 else f"rng-{rank}.pt"))
@@ -77,6 +82,8 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
         os.replace(pointer, root / "latest")
     except OSError as err:  # disk full, quota, permissions: the previous checkpoint was never touched
         shutil.rmtree(staging, ignore_errors=True)
+        if engine_state is not None:
+            shutil.rmtree(engine_state, ignore_errors=True)
         kept = latest_checkpoint(root)
         raise RunError(f"could not save checkpoint {final} ({err.strerror or err}); "
                        f"{'the previous checkpoint ' + str(kept) + ' is intact' if kept else 'no checkpoint is kept'}"

@@ -31,7 +31,7 @@ def why_not(model: torch.nn.Module, device: torch.device, sharded: bool) -> str 
     """The reason compiling cannot be used in this run, or None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if sharded:
-        return "FSDP shards the layers"
+        return "FSDP or DeepSpeed shards the layers"
     if getattr(base, "is_activation_checkpointing", False):
         return "activation checkpointing recomputes the layers"
     if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):

@@ -18,6 +18,7 @@ from accelerate.state import AcceleratorState
 
 from alignkit.data.batches import micro_batches, tail_rows
 from alignkit.errors import Interrupted, RunError, UserError
+from alignkit.training import zero
 from alignkit.training.checkpoint import load_training_state, save_checkpoint
 from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
 
@@ -45,7 +46,7 @@ def make_accelerator(dtype: str, strategy: str = "auto") -> Accelerator:
     # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
     # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
     AcceleratorState._reset_state()
-    return build_accelerator(mixed_precision(dtype), strategy)
+    return build_accelerator(mixed_precision(dtype), strategy, dtype)
 
 
 def load_inputs(cfg):
@@ -163,24 +164,39 @@ def process_rngs(accelerator: Accelerator) -> list[dict]:
 
 def save_step(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
               accelerator: Accelerator) -> None:
-    """A checkpoint of this step: what must be gathered is gathered by every process, the main one writes."""
+    """A checkpoint of this step: what must be gathered is gathered by every process, the main one writes.
+
+    Under DeepSpeed every process first writes its optimizer partition beside the checkpoint; the main process
+    moves that folder into it (deepspeed/), so it appears atomically with the rest."""
     rngs = process_rngs(accelerator)
     state["sharded"] = is_sharded(accelerator)
+    state["deepspeed"] = zero.is_deepspeed(accelerator)
     sharded = full_training_state(model, optimizer, accelerator)
+    engine_state = None
+    if state["deepspeed"]:
+        engine_state = out / "checkpoints" / f".tmp-deepspeed-step-{step}"
+        zero.save_engine_state(model, engine_state)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
-                        state, keep, rngs, sharded)
+                        state, keep, rngs, sharded, engine_state)
     accelerator.wait_for_everyone()
 
 
 def resume_state(checkpoint: Path, optimizer, scheduler, accelerator: Accelerator) -> dict:
-    """Scheduler, RNG and position from `checkpoint`, and the optimizer state, except under FSDP, where it can
-    only be loaded once `prepare` has sharded the optimizer (`load_full_optimizer_state`)."""
-    sharded = json.loads((checkpoint / "state.json").read_text()).get("sharded", False)
+    """Scheduler, RNG and position from `checkpoint`, and the optimizer state, except under FSDP and DeepSpeed,
+    where it can only be loaded once `prepare` has partitioned the optimizer
+    (`strategy.load_partitioned_optimizer_state`)."""
+    saved = json.loads((checkpoint / "state.json").read_text())
+    sharded, deepspeed = saved.get("sharded", False), saved.get("deepspeed", False)
     if sharded != is_sharded(accelerator):
         raise UserError(f"{checkpoint}: saved by a run {'with' if sharded else 'without'} FSDP; resume it with "
                         f"{'strategy: fsdp and several processes' if sharded else 'strategy: ddp'}")
-    return load_training_state(checkpoint, None if sharded else optimizer, scheduler, accelerator.process_index)
+    if deepspeed != zero.is_deepspeed(accelerator):
+        raise UserError(f"{checkpoint}: saved by a run {'with' if deepspeed else 'without'} DeepSpeed; resume it "
+                        f"{'under the same DeepSpeed launch' if deepspeed else 'without DeepSpeed'}")
+    return load_training_state(checkpoint, None if sharded or deepspeed else optimizer, scheduler,
+                               accelerator.process_index)
 
 
 def agree_on_stop(stop, accelerator: Accelerator) -> bool:

@@ -4,11 +4,13 @@ Both come from accelerate. `strategy: fsdp` (or `accelerate launch` with an FSDP
 ACCELERATE_USE_FSDP) builds accelerate's FullyShardedDataParallelPlugin: FSDP2, full shard, decoder layers as
 the sharding units, full state dicts on save. accelerate only turns FSDP on for GPU-like devices; torch's
 `fully_shard` itself works on CPU over gloo, so on a CPU launch the same plugin is put in place by hand
-(`_fsdp_on_cpu`), which is what lets the FSDP path be tested on a machine without a GPU.
+(`_fsdp_on_cpu`), which is what lets the FSDP path be tested on a machine without a GPU. A DeepSpeed launch
+(ZeRO-2/3) goes through `training.zero`; the functions below dispatch to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -16,6 +18,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from alignkit.errors import UserError
+from alignkit.training import zero
 
 
 def wants_fsdp(strategy: str) -> bool:
@@ -45,11 +48,14 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
                                           state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False)
 
 
-def build_accelerator(mixed_precision: str, strategy: str) -> Accelerator:
+def build_accelerator(mixed_precision: str, strategy: str, dtype: str = "auto") -> Accelerator:
     """An Accelerator for the strategy; a single process never shards (there is nothing to share with)."""
-    refuse_deepspeed()
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if zero.wants_deepspeed() and several:
+        return zero.build_deepspeed_accelerator(dtype, strategy)
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)  # one process: accelerate would still start an engine
     cpu = not torch.cuda.is_available()
-    fsdp = wants_fsdp(strategy) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp = wants_fsdp(strategy) and several
     if not fsdp:
         if strategy == "ddp":  # the config wins over a launcher's FSDP setting
             os.environ.pop("ACCELERATE_USE_FSDP", None)
@@ -61,22 +67,12 @@ def build_accelerator(mixed_precision: str, strategy: str) -> Accelerator:
     return accelerator
 
 
-def refuse_deepspeed() -> None:
-    """Stop a DeepSpeed launch before anything loads.
-
-    alignkit's loop steps the optimizer itself once per step, after a number of backward passes that varies
-    from step to step; a DeepSpeed engine steps inside `backward` after a fixed number of passes, so training
-    on would be silently wrong. On a CPU, accelerate ignores the DeepSpeed setting and would quietly run DDP
-    instead of the ZeRO stage asked for: refused too."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise UserError("DeepSpeed launches are not supported yet: use configs/accelerate/fsdp.yaml (FSDP full "
-                        "shard, the ZeRO-3 equivalent) or ddp.yaml; see docs/scale-out.md")
-
-
 def describe(accelerator: Accelerator) -> str:
     """The strategy as the start-up log states it."""
     if accelerator.num_processes == 1:
         return "single process"
+    if zero.is_deepspeed(accelerator):
+        return f"deepspeed zero-{zero.zero_stage(accelerator)}"
     return "fsdp (full shard)" if is_sharded(accelerator) else "ddp"
 
 
@@ -97,9 +93,55 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def prepare(model, optimizer, accelerator: Accelerator, micro_batch: int, max_grad_norm: float):
+    """accelerate's `prepare` of the policy and its optimizer; DeepSpeed's engine takes the clipping norm."""
+    if zero.is_deepspeed(accelerator):
+        return zero.prepare(model, optimizer, accelerator, micro_batch, max_grad_norm)
+    return accelerator.prepare(model, optimizer)
+
+
+def autocast_region(accelerator: Accelerator):
+    """Mixed-precision autocast around all forward and backward passes of a step (and of evaluation and reference
+    scoring, so every log-prob is computed alike), rather than around each forward pass alone.
+
+    Two effects, both measured in docs/performance.md: the output head and the log-prob chunks, which run outside
+    the model's forward, are computed in bf16 like the rest of the model (as inside a transformers forward, which
+    is what TRL runs); and autocast's cache of bf16 weight casts, which lives until the outermost region ends,
+    serves every pass of the step, so the trained weights are cast once per step instead of once per pass (the
+    cast keeps no tensors for its backward, so each pass's backward can run through the cached cast). Not under
+    FSDP, whose parameters are gathered afresh for each pass."""
+    if accelerator.mixed_precision == "no" or is_sharded(accelerator):
+        return contextlib.nullcontext()
+    return accelerator.autocast()
+
+
+def backward(model, loss: torch.Tensor, last: bool, accelerator: Accelerator) -> None:
+    """One backward pass of a step; `last` marks the step's final pass (DeepSpeed must be told)."""
+    if zero.is_deepspeed(accelerator):
+        zero.backward(model, loss, last)
+    else:
+        accelerator.backward(loss)
+
+
+def optimizer_step(model, optimizer, max_grad_norm: float, accelerator: Accelerator, approve) -> tuple[float, bool]:
+    """Clip to max_grad_norm (0: measure only), ask `approve(grad_norm)` (the non-finite guard) and update.
+
+    Returns (grad norm before clipping, applied). Under DeepSpeed the engine clips, measures and skips itself."""
+    if zero.is_deepspeed(accelerator):
+        return zero.step(model, approve)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = clip_gradients(params, max_grad_norm if max_grad_norm > 0 else float("inf"), accelerator)
+    applied = approve(norm)
+    if applied:
+        optimizer.step()
+    return norm, applied
+
+
 def full_state_dict(model, accelerator: Accelerator) -> dict | None:
     """The whole model's weights for saving: gathered from the shards (a collective every process must join)
-    under FSDP; None otherwise, meaning the model's own state dict is already whole."""
+    under FSDP and ZeRO-3; None otherwise, meaning the model's own state dict is already whole."""
+    if zero.is_deepspeed(accelerator):
+        return zero.gathered_state_dict(model, accelerator)
     if not is_sharded(accelerator):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -112,7 +154,8 @@ def full_state_dict(model, accelerator: Accelerator) -> dict | None:
 def eval_model(model, accelerator: Accelerator):
     """The model evaluation passes go through. Under DDP, the module inside the wrapper: no gradient flows, and
     the wrapper's forward broadcasts buffers, which would leave processes with different numbers of eval rows
-    out of step. Under FSDP, the sharded model itself (its passes are padded to equal counts instead)."""
+    out of step. Under DeepSpeed, the module inside the engine (ZeRO-3's gathering hooks sit on the module; its
+    passes are padded to equal counts). Under FSDP, the sharded model itself (padded likewise)."""
     return model if is_sharded(accelerator) else getattr(model, "module", model)
 
 
@@ -120,10 +163,11 @@ def equal_passes(items: list, filler, accelerator: Accelerator) -> list[tuple[ob
     """(forward-pass input, loss weight) pairs, padded with weight-0 `filler` passes so that every process
     runs as many passes as the busiest one.
 
-    Under FSDP every forward and backward pass all-gathers parameters, so a process with one pass fewer would
-    leave the others waiting; DDP synchronises once per step and needs no padding."""
+    Under FSDP and ZeRO-3 every forward and backward pass all-gathers parameters, and ZeRO-2 reduces gradients
+    in every backward pass, so a process with one pass fewer would leave the others waiting; DDP synchronises
+    once per step and needs no padding."""
     weighted = [(item, 1.0) for item in items]
-    if not is_sharded(accelerator):
+    if not (is_sharded(accelerator) or zero.is_deepspeed(accelerator)):
         return weighted
     counts = accelerator.gather(torch.tensor([len(items)], device=accelerator.device))
     return weighted + [(filler, 0.0)] * (int(counts.max().item()) - len(items))
@@ -156,16 +200,28 @@ def shard_frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def full_training_state(model, optimizer, accelerator: Accelerator) -> tuple[dict, dict] | None:
-    """(full weights, full optimizer state) gathered from the shards for a checkpoint; None unless FSDP.
+def full_training_state(model, optimizer, accelerator: Accelerator) -> tuple[dict | None, dict | None] | None:
+    """(full weights, full optimizer state) gathered from the shards for a checkpoint; None under DDP.
 
-    A collective: every process must call it. The optimizer state is keyed by parameter names."""
+    A collective: every process must call it. The optimizer state is keyed by parameter names. Under DeepSpeed
+    the optimizer state stays partitioned (`training.zero.save_engine_state`): (weights or None, None)."""
+    if zero.is_deepspeed(accelerator):
+        return zero.gathered_state_dict(model, accelerator), None
     if not is_sharded(accelerator):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return full_state_dict(model, accelerator), get_optimizer_state_dict(model, _inner(optimizer), options=options)
+
+
+def load_partitioned_optimizer_state(checkpoint, model, optimizer, accelerator: Accelerator) -> None:
+    """After `prepare`: the checkpoint's optimizer state into the FSDP shards or DeepSpeed partitions (DDP's
+    was loaded before `prepare`)."""
+    if zero.is_deepspeed(accelerator):
+        zero.load_engine_state(model, checkpoint / "deepspeed")
+    elif is_sharded(accelerator):
+        load_full_optimizer_state(checkpoint / "optimizer.pt", model, optimizer)
 
 
 def load_full_optimizer_state(path, model, optimizer) -> None:
