@@ -19,6 +19,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from alignkit.errors import UserError
 from alignkit.training import zero
+from alignkit.training.compiling import decoder_layers
 
 
 def wants_fsdp(strategy: str) -> bool:
@@ -192,10 +193,8 @@ def shard_frozen(model: torch.nn.Module) -> torch.nn.Module:
     `fully_shard` directly; every forward pass then all-gathers one layer at a time, as the policy's do."""
     from torch.distributed.fsdp import fully_shard
 
-    layer_names = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in layer_names:
-            fully_shard(module)
+    for layer in decoder_layers(model):
+        fully_shard(layer)
     fully_shard(model)
     return model
 
