@@ -38,20 +38,49 @@ def sft_rows(tokenizer):
     return tokenize_examples(tokenizer, resolve_template(tokenizer, None), examples, 512)[0]
 
 
-def test_chunked_head_logprobs_equal_the_full_log_softmax_with_gradients():
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_logprobs_equal_the_full_log_softmax_with_gradients(softcap, bias):
     torch.manual_seed(0)
-    head = torch.nn.Linear(16, 50, bias=False)
+    head = torch.nn.Linear(16, 50, bias=bias)
     hidden = torch.randn(37, 16, requires_grad=True)
     targets = torch.randint(0, 50, (37,))
-    full = torch.log_softmax(head(hidden), -1).gather(1, targets[:, None])[:, 0]
-    (full * torch.arange(37.0)).sum().backward()
-    grad_hidden, grad_head = hidden.grad.clone(), head.weight.grad.clone()
-    hidden.grad, head.weight.grad = None, None
-    chunked = head_logprobs(hidden, head, targets, chunk_size=8)
-    (chunked * torch.arange(37.0)).sum().backward()
-    assert torch.allclose(chunked, full, atol=1e-6)
-    assert torch.allclose(hidden.grad, grad_hidden, atol=1e-6) and torch.allclose(head.weight.grad, grad_head,
-                                                                                  atol=1e-6)
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    full = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    weights = torch.randn(37)
+    (full * weights).sum().backward()
+    expected = [t.grad.clone() for t in (hidden, head.weight, head.bias) if t is not None]
+    for tensor in (hidden, head.weight, head.bias):
+        if tensor is not None:
+            tensor.grad = None
+    chunked = head_logprobs(hidden, head, targets, softcap, chunk_size=8)
+    (chunked * weights).sum().backward()
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-6)
+    # the hand-written backward sums in another order than autograd's: equal to fp32 rounding of the largest entry
+    for got, want in zip([t.grad for t in (hidden, head.weight, head.bias) if t is not None], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * want.abs().max().item())
+
+
+def test_chunked_head_skips_the_gradient_of_a_frozen_head_and_sums_chunks_in_float32_under_autocast():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(64, 500, bias=False)
+    hidden = torch.randn(200, 64, requires_grad=True)
+    targets = torch.randint(0, 500, (200,))
+    hidden64, weight64 = hidden.detach().double().requires_grad_(), head.weight.detach().double().requires_grad_()
+    torch.log_softmax(hidden64 @ weight64.T, -1).gather(1, targets[:, None]).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head_logprobs(hidden, head, targets, chunk_size=8).sum().backward()
+    # bf16 matmuls, float32 softmax and float32 sums over the 25 chunks' weight gradients
+    assert (head.weight.grad.double() - weight64.grad).abs().max() < 0.01 * weight64.grad.abs().max()
+    assert (hidden.grad.double() - hidden64.grad).abs().max() < 0.01 * hidden64.grad.abs().max()
+    head.weight.requires_grad_(False)
+    head.weight.grad, hidden.grad = None, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head_logprobs(hidden, head, targets, chunk_size=8).sum().backward()
+    assert head.weight.grad is None
+    assert (hidden.grad.double() - hidden64.grad).abs().max() < 0.01 * hidden64.grad.abs().max()
 
 
 def test_best_fit_decreasing_fills_bins():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from alignkit.data.tokenize import IGNORE
 
@@ -29,16 +28,75 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int =
     return logps * mask, mask
 
 
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 softcap: float | None) -> torch.Tensor:
-    return _target_logps(F.linear(hidden, weight, bias), targets, softcap)
-
-
-def _target_logps(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _float_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """float32 logits, softcapped if asked (z = c·tanh(x/c), Gemma 2's final_logit_softcapping)."""
     logits = logits.float()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return -F.cross_entropy(logits, targets, reduction="none")
+    return logits
+
+
+def _target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z[y] − logsumexp(z), logsumexp(z)) per row of float32 logits z.
+
+    Without autograd watching, z is overwritten rather than copied (a [N, V] float32 tensor saved); both
+    branches do the same arithmetic, so a policy (with gradient) and its reference (without) agree bit for bit."""
+    picked = logits.gather(1, targets[:, None])[:, 0]
+    top = logits.detach().max(dim=-1).values
+    if logits.requires_grad:
+        lse = (logits - top[:, None]).exp().sum(dim=-1).log() + top
+    else:
+        lse = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
+    return picked - lse, lse
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _target_logps(_float_logits(F.linear(hidden, weight, bias), softcap), targets)
+
+
+class _ChunkLogps(torch.autograd.Function):
+    """One chunk of `head_logprobs`: ℓ = z[y] − logsumexp(z) for z = head(h) (softcapped if asked), per row.
+
+    The backward recomputes the chunk's logits instead of keeping them, and uses ∂ℓ/∂z = onehot(y) − softmax(z):
+    softmax(z) is formed in place from the logsumexp saved by the forward, in one float32 [chunk, V] buffer that
+    becomes the gradient. Autograd's log_softmax + nll_loss would hold several such tensors at once (the logits,
+    their float copy, log_softmax's output, each backward's gradient); at a 49k vocabulary those are what sets
+    the peak memory of an SFT step. The matmuls run under the autocast state of the forward, so with bf16
+    autocast they run in bf16 on autocast's cached weight copy, exactly as `F.linear` in the forward does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        logps, lse = _chunk_logps(hidden, weight, bias, targets, softcap)
+        ctx.softcap = softcap
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        if enabled and not weight.requires_grad:  # autocast caches trained leaves only: cast a frozen head once
+            weight = weight.to(dtype)
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            grad = _float_logits(F.linear(hidden, weight, bias), ctx.softcap)
+            if ctx.softcap:  # z = c·tanh(x/c), so ∂z/∂x = 1 − (z/c)²
+                dz_dx = grad.div(ctx.softcap).square_().neg_().add_(1)
+            grad.sub_(lse[:, None]).exp_()  # softmax(z)
+            grad.mul_(-grad_logps[:, None])
+            grad[torch.arange(len(targets), device=grad.device), targets] += grad_logps
+            if ctx.softcap:
+                grad.mul_(dz_dx)
+                del dz_dx
+            grad = grad.to(dtype if enabled else weight.dtype)
+            # mm (not a matmul of a transposed view) so that autocast serves the weight from its cache
+            grad_hidden = torch.mm(grad, weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.mm(grad.T, hidden).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            grad_bias = grad.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None = None,
@@ -46,7 +104,7 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
     """log softmax(head(hidden))[target] for N positions, chunk by chunk: hidden [N, H], targets [N] → [N].
 
     Each chunk's [chunk, V] logits exist only while that chunk is computed; under autograd the chunk is
-    recomputed in the backward pass (activation checkpointing), so the whole [N, V] logits never exist at once.
+    recomputed in the backward pass (`_ChunkLogps`), so the whole [N, V] logits never exist at once.
     With a 49k (SmolLM2) to 152k (Qwen) vocabulary these logits are the largest tensor of a step.
     """
     # Under DeepSpeed ZeRO-3 (a `ds_id` on the weight) the head's weight is whole only during a call of the head
@@ -60,11 +118,11 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
     for start in range(0, hidden.shape[0], chunk_size):
         args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size], softcap)
         if zero3:
-            pieces.append(_target_logps(head(args[0]), args[3], softcap))
+            pieces.append(_target_logps(_float_logits(head(args[0]), softcap), args[3])[0])
         elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-            pieces.append(checkpoint(_chunk_logps, *args, use_reentrant=False))
+            pieces.append(_ChunkLogps.apply(*args))
         else:
-            pieces.append(_chunk_logps(*args))
+            pieces.append(_chunk_logps(*args)[0])
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 

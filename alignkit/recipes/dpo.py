@@ -36,7 +36,7 @@ from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, resolve_model
-from alignkit.training import checkpointing, compiling, zero
+from alignkit.training import checkpointing, compiling, sparse_lookup, zero
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -369,6 +369,7 @@ def train(cfg: DPOConfig):
                 "from the checkpoint's position, not from a schedule planned for the new length")
     state["total_steps"] = total_steps
     model, optimizer = prepare(model, optimizer, accelerator, cfg.batch_size, cfg.max_grad_norm)
+    sparse_lookup.configure(model, accelerator)
     if checkpoint is not None:
         load_partitioned_optimizer_state(checkpoint, model, optimizer, accelerator)
     model.train()

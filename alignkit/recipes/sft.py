@@ -27,7 +27,7 @@ from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy
-from alignkit.training import checkpointing, compiling, zero
+from alignkit.training import checkpointing, compiling, sparse_lookup, zero
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -221,6 +221,7 @@ def train(cfg: SFTConfig):
     state["total_steps"] = total_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     model, optimizer = prepare(model, optimizer, accelerator, cfg.batch_size, cfg.max_grad_norm)
+    sparse_lookup.configure(model, accelerator)
     if checkpoint is not None:
         load_partitioned_optimizer_state(checkpoint, model, optimizer, accelerator)
     model.train()
