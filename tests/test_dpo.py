@@ -254,6 +254,26 @@ def test_first_step_loss_and_rewards_match_trl_dpo_trainer(tmp_path, tiny_model_
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-4), key
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_reference_with_bf16_linear_weights_scores_bit_for_bit_like_fp32_under_autocast(tokenizer, tied):
+    import copy
+
+    policy = build_model(tokenizer)
+    if tied:
+        policy.lm_head.weight = policy.model.embed_tokens.weight
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    fp32_frozen = copy.deepcopy(reference)
+    recipe.store_linear_weights_in_bf16(reference)
+    assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert reference.get_input_embeddings().weight.dtype == torch.float32
+    assert (reference.lm_head.weight.dtype == torch.float32) == tied
+    pairs = pairs_for(tokenizer)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = [torch.cat(pair_logps(model, pairs, layout, tokenizer.pad_token_id, "cpu")[:2])
+                  for model in (policy, fp32_frozen, reference) for layout in ("prefix_shared", "padded")]
+    assert all(torch.equal(scores[i], scores[i + 2]) and torch.equal(scores[i], scores[i + 4]) for i in (0, 1))
+
+
 @pytest.mark.parametrize("reference", ["copy", "precomputed"])
 def test_bf16_first_step_is_log_2_whatever_the_reference(tmp_path, tiny_model_dir, reference):
     """Under bf16 autocast the policy's and the reference's log-probs are computed alike (the output head

@@ -178,7 +178,28 @@ def build_reference(cfg: DPOConfig, model_path: Path, accelerator: Accelerator) 
         return Reference(kind, zero.frozen_reference(ref, accelerator))
     if is_sharded(accelerator):
         ref = shard_frozen(ref.to(accelerator.device))
+    elif accelerator.mixed_precision == "bf16":
+        store_linear_weights_in_bf16(ref)
     return Reference(kind, accelerator.prepare_model(ref, evaluation_mode=True))
+
+
+def store_linear_weights_in_bf16(model: torch.nn.Module) -> None:
+    """Keep a frozen model's linear layers in bf16, the dtype bf16 autocast casts them to at every call anyway.
+
+    Autocast caches its bf16 copies of trained weights only, so a frozen fp32 weight is cast anew in every
+    forward pass; a weight already in bf16 goes into the same matmul unchanged. The reference's log-probs stay
+    bit-identical (`tests/test_dpo.py`) while its linear layers take half the memory and no casting time. The
+    token embedding, and an output head tied to it, stay fp32: a lookup is not autocast, and its fp32 output
+    starts the residual stream."""
+    embedding = model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
+            module.to(torch.bfloat16)
+    # The fp32 tensors left still point into the safetensors file's memory map, which would keep every page of
+    # the file read so far resident (the converted weights' fp32 pages included): copied, they let it close.
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype == torch.float32:
+            tensor.data = tensor.data.clone()
 
 
 def precompute(reference: Reference, policy, pair_sets: list[list[PreferenceRow]], cfg: DPOConfig, pad_id: int,
