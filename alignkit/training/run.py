@@ -18,7 +18,7 @@ from accelerate.state import AcceleratorState
 
 from alignkit.data.batches import micro_batches, tail_rows
 from alignkit.errors import Interrupted, RunError, UserError
-from alignkit.training import zero
+from alignkit.training import kernel_caches, zero
 from alignkit.training.checkpoint import load_training_state, save_checkpoint
 from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
 
@@ -46,7 +46,9 @@ def make_accelerator(dtype: str, strategy: str = "auto") -> Accelerator:
     # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
     # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
     AcceleratorState._reset_state()
-    return build_accelerator(mixed_precision(dtype), strategy, dtype)
+    accelerator = build_accelerator(mixed_precision(dtype), strategy, dtype)
+    kernel_caches.bound(accelerator.device)
+    return accelerator
 
 
 def load_inputs(cfg):
