@@ -32,6 +32,7 @@ from alignkit.config import (
     validate,
 )
 from alignkit.errors import Interrupted, RunError, UserError
+from alignkit.training import kernel_caches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +201,7 @@ def run_command(argv: list[str] | None) -> int:
         command = COMMANDS[args.command]
         if unknown:
             _reject_unknown(unknown, command.config)
+        kernel_caches.bound()  # before any command's first bf16 matmul (the demo samples before it trains)
         importlib.import_module(command.runner).run(parse_config(command.config, args))
         return 0
     except UserError as err:

@@ -4,6 +4,7 @@ import ctypes
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ class Mallinfo(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Mallinfo
 if sys.argv[1] == "bound":
-    kernel_caches.bound(torch.device("cpu"))
+    kernel_caches.bound()
 layer = torch.nn.Linear(576, 1536)
 for length in range(100, 300):  # 200 new shapes, each with its forward and two backward matmuls
     if length == 200:  # a bounded cache is full by now: it evicts as much as it adds
@@ -35,27 +36,49 @@ print((libc.mallinfo2().uordblks - before) / 2**20)
 """
 
 
+ALL_NAMES = [*kernel_caches.VARIABLES, *(a for aliases in kernel_caches.VARIABLES.values() for a in aliases)]
+
+
 def heap_growth_mib(mode: str) -> float:
-    env = {name: value for name, value in os.environ.items() if name not in kernel_caches.VARIABLES}
-    done = subprocess.run([sys.executable, "-c", GROWTH, mode], capture_output=True, text=True, env=env, check=True)
+    env = {name: value for name, value in os.environ.items() if name not in ALL_NAMES}
+    done = subprocess.run([sys.executable, "-c", GROWTH, mode], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
     return float(done.stdout.split()[-1])
 
 
-def test_bound_sets_both_capacities_on_cpu_only(monkeypatch):
-    for name in kernel_caches.VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    kernel_caches.bound(torch.device("cuda"))
-    assert all(name not in os.environ for name in kernel_caches.VARIABLES)
-    kernel_caches.bound(torch.device("cpu"))
+@pytest.fixture
+def no_capacities(monkeypatch):
+    """None of the variables set, and whatever the test sets undone afterwards."""
+    for name in ALL_NAMES:
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def test_bound_sets_both_capacities(no_capacities):
+    kernel_caches.bound()
     assert all(os.environ[name] == str(kernel_caches.CAPACITY) for name in kernel_caches.VARIABLES)
 
 
-def test_a_capacity_the_user_chose_wins(monkeypatch):
+def test_a_capacity_the_user_chose_wins_under_either_name(no_capacities, monkeypatch):
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    kernel_caches.bound(torch.device("cpu"))
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "9")
+    kernel_caches.bound()
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(kernel_caches.CAPACITY)
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ  # oneDNN falls back to the DNNL_ name
+
+
+def test_recipes_and_the_command_line_bound_the_caches(no_capacities, monkeypatch):
+    from alignkit import cli
+    from alignkit.training.run import make_accelerator
+
+    make_accelerator("auto")
+    assert os.environ["LRU_CACHE_CAPACITY"] == str(kernel_caches.CAPACITY)
+    monkeypatch.delenv("LRU_CACHE_CAPACITY")
+    seen = []  # what a command finds when it starts
+    runner = types.SimpleNamespace(run=lambda cfg: seen.append(os.environ.get("LRU_CACHE_CAPACITY")))
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: runner)
+    assert cli.main(["sft", "--data", "rows.jsonl"]) == 0
+    assert seen == [str(kernel_caches.CAPACITY)]
 
 
 def test_memory_stops_growing_with_new_shapes():

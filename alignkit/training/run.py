@@ -47,7 +47,7 @@ def make_accelerator(dtype: str, strategy: str = "auto") -> Accelerator:
     # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
     AcceleratorState._reset_state()
     accelerator = build_accelerator(mixed_precision(dtype), strategy, dtype)
-    kernel_caches.bound(accelerator.device)
+    kernel_caches.bound()  # for the Python API; the command line sets it first thing
     return accelerator
 
 
