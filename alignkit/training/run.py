@@ -206,13 +206,15 @@ def agree_on_stop(stop, accelerator: Accelerator) -> bool:
 
     A scheduler's signal can reach the processes a step apart; the process that has it must not start saving
     (a collective) while the others start another step, so each step ends with a max-reduce of the signal
-    number, and a process that got none adopts it."""
-    if accelerator.num_processes > 1:
-        flag = torch.tensor(float(stop.received or 0), device=accelerator.device)
-        received = int(accelerator.reduce(flag, "max").item())
-        if received and stop.received is None:
-            stop.received = received
-    return stop.received is not None
+    number, and a process that got none adopts it. The answer is the reduced number alone: a signal that lands
+    during the reduce is seen by this process only, and counts at the next step's agreement."""
+    if accelerator.num_processes == 1:
+        return stop.received is not None
+    flag = torch.tensor(float(stop.received or 0), device=accelerator.device)
+    received = int(accelerator.reduce(flag, "max").item())
+    if received and stop.received is None:
+        stop.received = received
+    return received != 0
 
 
 def interrupt(stop, step: int, out: Path) -> Interrupted:
