@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from alignkit.api import make_dpo_config, make_sft_config
 from alignkit.errors import UserError
+from alignkit.losses.logprobs import label_logprobs
 from alignkit.recipes import dpo, sft
 from alignkit.training import compiling
 from tests.conftest import build_model, build_tokenizer, write_jsonl
@@ -52,6 +53,26 @@ def test_compiling_gives_way_to_sharding_and_recomputation(model):
     with pytest.raises(UserError, match="compile: on is not possible here: activation checkpointing"):
         compiling.configure(model, "on", 500, CPU, sharded=False)
     assert compiling.configure(model, "off", 500, CPU, sharded=False) == (False, "off")
+
+
+def test_each_compiled_layer_is_one_graph_with_or_without_lora(model):
+    """Asking transformers for hidden states installs its output hooks, whose context-variable read breaks a
+    compiled layer's graph; the log-probs must come without them."""
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+
+    lora = get_peft_model(build_model(build_tokenizer()), LoraConfig(r=4, target_modules="all-linear"))
+    for candidate in (model, lora):
+        torch._dynamo.reset()
+        counters.clear()
+        compiling.configure(candidate, "on", 500, CPU, sharded=False)
+        input_ids = torch.randint(3, candidate.config.vocab_size, (1, 9))
+        labels = input_ids.clone()
+        labels[:, :4] = -100
+        label_logprobs(candidate, input_ids, labels)[0].sum().backward()
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] <= 2  # the first layer's input needs no gradient: its own graph
+    torch._dynamo.reset()
 
 
 def test_sft_compiled_follows_the_same_trajectory(tmp_path, tiny_model_dir):

@@ -12,7 +12,7 @@ from alignkit.data.sources import Row
 from alignkit.data.templates import resolve_template
 from alignkit.data.tokenize import tokenize_examples
 from alignkit.losses import token_logprobs
-from alignkit.losses.logprobs import head_logprobs
+from alignkit.losses.logprobs import final_hidden, head_logprobs
 from alignkit.training.forward import pair_logps, unit_sequence_logps
 from tests.conftest import build_model
 
@@ -81,6 +81,30 @@ def test_chunked_head_skips_the_gradient_of_a_frozen_head_and_sums_chunks_in_flo
         head_logprobs(hidden, head, targets, chunk_size=8).sum().backward()
     assert head.weight.grad is None
     assert (hidden.grad.double() - hidden64.grad).abs().max() < 0.01 * hidden64.grad.abs().max()
+
+
+def test_final_hidden_is_the_models_last_hidden_state_bare_and_under_lora_and_ddp_wrappers(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(tokenizer)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    expected = model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(final_hidden(model, input_ids), expected, rtol=0, atol=0)
+
+    class Wrapper(torch.nn.Module):  # what DDP and DeepSpeed engines look like from outside: `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, **kwargs):
+            return self.module(**kwargs)
+
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        expected = lora(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
+        got = final_hidden(Wrapper(lora), input_ids)
+    assert not torch.allclose(got, final_hidden(build_model(tokenizer), input_ids))  # the adapter counts
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_best_fit_decreasing_fills_bins():

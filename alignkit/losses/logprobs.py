@@ -128,10 +128,27 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The last layer's (normalised) hidden states [B, T, H], asking the model for one position of logits only."""
-    output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return output.hidden_states[-1]
+    """The last layer's (normalised) hidden states [B, T, H], asking the model for one position of logits only.
+
+    They are the decoder's output, caught by a forward hook while the whole model is called (so DDP, FSDP and
+    DeepSpeed wrappers see the call). Not `output_hidden_states=True`: that makes transformers hook every decoder
+    layer and attention module, and inside a compiled layer those hooks' context-variable read breaks the graph
+    (each layer became several compiled graphs with eager code between them)."""
+    caught = []
+    handle = decoder(model).register_forward_hook(lambda _module, _args, output: caught.append(output[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
+              use_cache=False)
+    finally:
+        handle.remove()
+    return caught[0]
+
+
+def decoder(model) -> torch.nn.Module:
+    """The transformer stack under the language-model head, through DDP/DeepSpeed (`.module`) and peft wrappers."""
+    model = getattr(model, "module", model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return model.get_decoder()
 
 
 def output_head(model) -> tuple[torch.nn.Module, float | None]:
