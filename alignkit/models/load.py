@@ -8,6 +8,7 @@ import torch
 
 from alignkit.errors import UserError
 from alignkit.models.embedded import EMBEDDED, convert_gguf, embedded_model_path, gguf_cache_path
+from alignkit.models.lora_dropout import use_gap_dropout
 
 
 def resolve_model(spec: str) -> Path:
@@ -74,16 +75,19 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
 
 
 def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str]):
-    """Wrap `model` in a peft LoRA adapter; only the adapter weights stay trainable."""
+    """Wrap `model` in a peft LoRA adapter; only the adapter weights stay trainable. Its input dropout draws its
+    masks sparsely (`lora_dropout`): the same distribution, a fraction of the random numbers."""
     from peft import LoraConfig, get_peft_model
 
     target_modules = "all-linear" if targets == ["all-linear"] else targets
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"lora_targets: {err}") from None
+    use_gap_dropout(model)
+    return model
 
 
 def build_policy(cfg, model_path: Path, checkpoint: Path | None):
