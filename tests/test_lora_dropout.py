@@ -33,7 +33,9 @@ def assert_bernoulli(dropped: torch.Tensor, p: float) -> None:
 
     near(flat.mean().item(), p, count)
     tail = flat[:, -flat.shape[1] // 10:]
-    near(tail.mean().item(), p, tail.numel())  # the gaps reach the last element
+    near(tail.mean().item(), p, tail.numel())  # the gaps reach the end
+    near(flat[:, 0].mean().item(), p, flat.shape[0])  # the first and last elements: no off-by-one
+    near(flat[:, -1].mean().item(), p, flat.shape[0])
     near((flat[:, 1:] * flat[:, :-1]).mean().item(), p * p, count)
     near((flat[:, 97:] * flat[:, :-97]).mean().item(), p * p, count)
     per_row = flat.sum(1)

@@ -130,25 +130,34 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The last layer's (normalised) hidden states [B, T, H], asking the model for one position of logits only.
 
-    They are the decoder's output, caught by a forward hook while the whole model is called (so DDP, FSDP and
-    DeepSpeed wrappers see the call). Not `output_hidden_states=True`: that makes transformers hook every decoder
-    layer and attention module, and inside a compiled layer those hooks' context-variable read breaks the graph
-    (each layer became several compiled graphs with eager code between them)."""
+    They are the decoder stack's output, caught by a forward hook while the whole model is called (so DDP, FSDP
+    and DeepSpeed wrappers see the call). Not `output_hidden_states=True`: that makes transformers hook every
+    decoder layer and attention module for good, and inside a compiled layer those hooks' context-variable read
+    breaks the graph (each layer became several compiled graphs with eager code between them). A model whose
+    decoder stack transformers cannot name is still asked for its hidden states."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
+                  use_cache=False, output_attentions=False)  # explicit: a config's own `output_*` would hook
+    stack = _decoder_stack(model)
+    if stack is None:
+        return model(**kwargs, output_hidden_states=True).hidden_states[-1]
     caught = []
-    handle = decoder(model).register_forward_hook(lambda _module, _args, output: caught.append(output[0]))
+    handle = stack.register_forward_hook(lambda _module, _args, output: caught.append(output[0]))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
-              use_cache=False)
+        model(**kwargs, output_hidden_states=False)
     finally:
         handle.remove()
+    if len(caught) != 1:
+        raise RuntimeError(f"{type(stack).__name__} ran {len(caught)} times in one forward pass, expected once")
     return caught[0]
 
 
-def decoder(model) -> torch.nn.Module:
-    """The transformer stack under the language-model head, through DDP/DeepSpeed (`.module`) and peft wrappers."""
+def _decoder_stack(model) -> torch.nn.Module | None:
+    """The transformer stack under the language-model head, through DDP/DeepSpeed (`.module`) and peft wrappers;
+    None where transformers' `get_decoder` finds none (it then answers with the model itself)."""
     model = getattr(model, "module", model)
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return model.get_decoder()
+    stack = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return None if stack is None or stack is model else stack
 
 
 def output_head(model) -> tuple[torch.nn.Module, float | None]:
