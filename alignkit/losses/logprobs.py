@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.data.tokenize import IGNORE
+from alignkit.models.load import transformers_model
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 1
@@ -154,8 +155,7 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 def _decoder_stack(model) -> torch.nn.Module | None:
     """The transformer stack under the language-model head, through DDP/DeepSpeed (`.module`) and peft wrappers;
     None where transformers' `get_decoder` finds none (it then answers with the model itself)."""
-    model = getattr(model, "module", model)
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = transformers_model(model)
     stack = model.get_decoder() if hasattr(model, "get_decoder") else None
     return None if stack is None or stack is model else stack
 

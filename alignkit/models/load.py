@@ -74,6 +74,12 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
         raise UserError(f"{path}: cannot load the model ({err})") from None
 
 
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP and DeepSpeed engines (`.module`) and a peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str]):
     """Wrap `model` in a peft LoRA adapter; only the adapter weights stay trainable. Its input dropout draws its
     masks sparsely (`lora_dropout`): the same distribution, a fraction of the random numbers."""

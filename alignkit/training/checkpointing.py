@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from alignkit.errors import UserError
+from alignkit.models.load import transformers_model
 from alignkit.training.memory_plan import ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER
 
 MARGIN = 0.9
@@ -54,7 +55,7 @@ def every_n_layers(state_bytes: float, activation_bytes: float, free: float, lay
 def configure(model, setting: str, longest_forward_tokens: int, device: torch.device, half: bool,
               extra_bytes: float = 0.0) -> str:
     """Turn checkpointing on as `setting` (auto, on, off) says; returns what was decided, for the log."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     if setting == "off":
         return "off"
     if not getattr(base, "supports_gradient_checkpointing", False):

@@ -16,20 +16,21 @@ import shutil
 import torch
 
 from alignkit.errors import UserError
+from alignkit.models.load import transformers_model
 
 AUTO_MIN_STEPS = 100  # ~30 s per graph against a few percent of each step: break-even after tens of steps
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers model: the classes it names as never to be split across devices."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
 def why_not(model: torch.nn.Module, device: torch.device, sharded: bool) -> str | None:
     """The reason compiling cannot be used in this run, or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = transformers_model(model)
     if sharded:
         return "FSDP or DeepSpeed shards the layers"
     if getattr(base, "is_activation_checkpointing", False):
