@@ -59,3 +59,43 @@ def test_dpo_with_lora_on_smollm2_logs_every_metric_and_the_adapter_reloads(tmp_
         assert key in metrics[-1], key
     model = AutoPeftModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     assert any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_compiled_lora_dpo_policy_and_reference_agree_bit_for_bit_at_the_start(tmp_path, embedded_cache):
+    """While the adapter is zero, the policy's pass (training graph) and the adapter-off reference pass (no-grad
+    graph) must give the same log-probs, compiled and under bf16 autocast as on a CPU by default; otherwise DPO's
+    first loss is not log 2. With SmolLM2 and ~300-token pairs this broke while the first decoder layer, whose
+    input needed no gradient, had a graph of its own."""
+    import random
+
+    import torch
+
+    from alignkit.api import make_dpo_config
+    from alignkit.models.load import build_policy
+    from alignkit.recipes import dpo
+    from alignkit.training import compiling
+    from alignkit.training.forward import pair_logps
+    from alignkit.training.run import load_inputs
+
+    words = ["the", "a", "model", "answer", "question", "river", "light", "number", "green", "seven", "market"]
+    pick = random.Random(0)
+    rows = [{"prompt": " ".join(pick.choices(words, k=120)), "chosen": " ".join(pick.choices(words, k=150)),
+             "rejected": " ".join(pick.choices(words, k=130))} for _ in range(2)]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = make_dpo_config({"model": "smollm2-135m-instruct", "data": [str(data)], "output_dir": str(tmp_path / "o"),
+                           "lora": True, "max_length": 512})
+    model_path, tokenizer, template = load_inputs(cfg)
+    pairs, _ = dpo.load_pairs(cfg.data, tokenizer, template, cfg.max_length)
+    model = build_policy(cfg, model_path, None)
+    torch._dynamo.reset()
+    compiling.configure(model, "on", 500, torch.device("cpu"), sharded=False)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.train()
+            policy = pair_logps(model, pairs, "prefix_shared", tokenizer.pad_token_id, "cpu")[:2]
+            reference = dpo.reference_logps(dpo.Reference("adapter"), model, pairs, "prefix_shared",
+                                            tokenizer.pad_token_id, "cpu")
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.equal(p.detach(), r) for p, r in zip(policy, reference, strict=True)), (policy, reference)

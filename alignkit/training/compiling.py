@@ -59,4 +59,29 @@ def configure(model: torch.nn.Module, setting: str, total_steps: int, device: to
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(dynamic=True)
+    embeddings = frozen_input_embeddings(model)
+    if embeddings is not None:
+        # Under LoRA the first layer's input would need no gradient, which gets that layer a training graph of its
+        # own: one compile more, and in bf16 its kernels round differently from the no-grad graph of DPO's
+        # reference pass, so policy and reference log-probs differed by up to ~2 nats per sequence at step 1
+        # (loss 0.686, not log 2). Marked as needing a gradient, every layer runs the one training graph. Only
+        # while gradients are on: a no-grad pass marked so would compile its first layer apart instead.
+        embeddings.register_forward_hook(_needs_gradient)
     return True, f"{len(layers)} decoder layers (compiled during the first steps)"
+
+
+def frozen_input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The input embedding module when it stays frozen while other weights train (LoRA, adapters); else None."""
+    try:
+        embeddings = transformers_model(model).get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.requires_grad:
+        return None
+    return embeddings if any(p.requires_grad for p in model.parameters()) else None
+
+
+def _needs_gradient(module: torch.nn.Module, args, output: torch.Tensor) -> None:
+    if torch.is_grad_enabled():
+        output.requires_grad_(True)
