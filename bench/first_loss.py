@@ -5,7 +5,8 @@
 For a few batches of 4 synthetic plain rows (the rows `vs_trl.py --format plain` trains on), the same token ids
 and loss masks go through four computations of the batch's mean completion cross-entropy:
 
-- exact: fp32, a right-padded batch with its attention mask and full logits (the textbook computation);
+- exact: fp32, a right-padded batch with its attention mask and full logits (the textbook computation), the
+  log-softmax taken in float64;
 - alignkit fp32: alignkit's per-sequence forward passes and chunked log-probs from hidden states, fp32;
 - padded bf16: the exact computation under bf16 autocast, which is what TRL's SFTTrainer runs with bf16=True;
 - alignkit bf16: alignkit's computation under bf16 autocast, its default on this CPU.
@@ -42,26 +43,27 @@ def tokenize_plain(rows: list[dict], tokenizer, max_length: int = 512):
 
 
 @torch.no_grad()
-def padded_nll(model, rows, pad_id: int, bf16: bool) -> tuple[float, int]:
-    """Summed completion NLL and token count of one right-padded batch."""
+def padded_nll(model, rows, pad_id: int, bf16: bool, exact: bool = False) -> tuple[float, int]:
+    """Summed completion NLL and token count of one right-padded batch; `exact` takes the log-softmax in float64
+    (float32's, TRL's, is biased here by ~1e-6 per token on average, up to ~1e-5)."""
     from alignkit.data import packing
     from alignkit.data.tokenize import IGNORE
 
     unit = packing.padded(rows, pad_id)
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         logits = model(input_ids=unit.input_ids, attention_mask=unit.attention_mask).logits
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    logps = torch.log_softmax(logits[:, :-1].to(torch.float64 if exact else torch.float32), dim=-1)
     labels = unit.labels[:, 1:]
     trained = labels != IGNORE
     picked = logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -picked[trained].sum().item(), int(trained.sum())
 
 
-def padded_loss(model, rows, pad_id: int, bf16: bool, micro_batch: int | None = None) -> float:
+def padded_loss(model, rows, pad_id: int, bf16: bool, micro_batch: int | None = None, exact: bool = False) -> float:
     """The batch's mean completion NLL, computed in padded micro-batches (TRL's way with gradient accumulation,
     which normalises by the tokens of the whole step)."""
     size = micro_batch or len(rows)
-    parts = [padded_nll(model, rows[i:i + size], pad_id, bf16) for i in range(0, len(rows), size)]
+    parts = [padded_nll(model, rows[i:i + size], pad_id, bf16, exact) for i in range(0, len(rows), size)]
     return sum(nll for nll, _ in parts) / sum(tokens for _, tokens in parts)
 
 
@@ -97,7 +99,7 @@ def main() -> None:
     for seed in range(args.batches):
         rows = tokenize_plain(make_rows("sft", 4, seed=seed, tokenizer=tokenizer, chat=False), tokenizer)
         pad_id = tokenizer.pad_token_id
-        exact = padded_loss(model, rows, pad_id, bf16=False)
+        exact = padded_loss(model, rows, pad_id, bf16=False, exact=True)
         ours32, theirs16 = alignkit_loss(model, rows, bf16=False), padded_loss(model, rows, pad_id, bf16=True)
         ours16 = alignkit_loss(model, rows, bf16=True)
         # the same step as TRL computes it with batch 2 and 2 accumulation steps
