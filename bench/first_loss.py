@@ -94,7 +94,7 @@ def main() -> None:
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    print(f"{'batch':<7}{'exact fp32':>12}{'alignkit fp32':>15}{'padded bf16':>13}{'alignkit bf16':>15}"
+    print(f"{'batch':<7}{'exact':>12}{'alignkit fp32':>15}{'padded bf16':>13}{'alignkit bf16':>15}"
           f"{'|alignkit-padded|':>19}{'TRL 2x2':>10}")
     for seed in range(args.batches):
         rows = tokenize_plain(make_rows("sft", 4, seed=seed, tokenizer=tokenizer, chat=False), tokenizer)
@@ -106,7 +106,7 @@ def main() -> None:
         theirs16_2x2 = padded_loss(model, rows, pad_id, bf16=True, micro_batch=2)
         print(f"{seed:<7}{exact:>12.5f}{ours32 - exact:>+15.1e}{theirs16 - exact:>+13.1e}{ours16 - exact:>+15.1e}"
               f"{abs(ours16 - theirs16):>19.1e}{theirs16_2x2 - theirs16:>+10.1e}")
-    print("(columns 3-5: difference from exact fp32; the last: TRL's bf16 loss in 2 micro-batches of 2 minus its\n"
+    print("(columns 3-5: difference from exact; the last: TRL's bf16 loss in 2 micro-batches of 2 minus its\n"
           " bf16 loss of the batch of 4)")
 
 
