@@ -14,6 +14,7 @@ import typing
 
 from alignkit.config import (
     ChatConfig,
+    DataConfig,
     DemoConfig,
     DPOConfig,
     EvalConfig,
@@ -65,6 +66,12 @@ COMMANDS = {
                     "The DPO paper's controlled-sentiment experiment scaled to a CPU: SFT teaches a review format, "
                     "the SFT model's samples scored by VADER become preference pairs, DPO (LoRA) trains on them, "
                     "and report.md compares SFT and DPO on held-out prompts (reward, win rate, KL)."),
+    "data": Command(DataConfig, "alignkit.commands.inspect",
+                    "inspect a data file: rendered rows with trained tokens marked, counts, a length histogram",
+                    "alignkit data inspect FILE: render the first --rows rows with the model's chat template, the "
+                    "trained tokens marked (colour in a terminal, [[brackets]] otherwise), and for the whole file: "
+                    "rows, tokens, trained fraction, rows truncated, dropped, repaired or skipped and why, and a "
+                    "PNG histogram of row lengths. Tokenised exactly as training would (and cached the same way)."),
     "generate": Command(GenerateConfig, "alignkit.commands.generate",
                         "sample from a model with its chat template (streams a single prompt)",
                         "Batched generation with the model's chat template: --prompt TEXT (streamed) or "

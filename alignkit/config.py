@@ -44,6 +44,8 @@ class TrainConfig:
                                         "(default: runs/COMMAND-DATE-TIME)")
     max_length: int = _opt(1024, "longest tokenised row; longer completions are cut from the end, "
                                  "rows whose prompt alone reaches it are dropped")
+    num_proc: int | None = _opt(None, "processes that tokenise the data (default: one per CPU for data of 4 MiB "
+                                      "or more, else 1); the tokenised rows are the same for any number")
     # How to train
     batch_size: int = _opt(4, "rows per micro-batch (per process)")
     grad_accum: int = _opt(1, "micro-batches accumulated into one optimizer step")
@@ -183,6 +185,23 @@ class ExportConfig:
     merge: bool = _opt(True, "merge a LoRA adapter into its base model (checked: the merged logits equal the "
                              "adapter model's)")
     dtype: str = _opt("fp32", "weights dtype of the export: fp32 or bf16", choices=["fp32", "bf16"])
+
+
+@dataclass
+class DataConfig:
+    action: str | None = _opt(None, "what to do with the data: inspect", positional=True)
+    data: str | None = _opt(None, "the data file or datasets folder (SFT rows or preference pairs)", positional=True)
+    model: str = _opt("smollm2-135m-instruct", "the model whose tokenizer and chat template render the rows")
+    chat_template: str | None = _opt(None, "chat template override (see alignkit sft --help)")
+    data_format: str = _opt("auto", "row format, as for alignkit sft (preference rows are told by their fields)",
+                            choices=["auto", "prompt_completion", "messages", "alpaca", "sharegpt", "text"])
+    max_length: int = _opt(1024, "longest tokenised row, as in training: longer rows count as truncated")
+    rows: int = _opt(3, "rows shown rendered, trained tokens marked")
+    plot: str | None = _opt(None, "where to write the length histogram (default: NAME.lengths.png in the "
+                                  "current folder, NAME being the data file's)")
+    color: str = _opt("auto", "mark trained text with colour (auto: when printing to a terminal) or [[brackets]]",
+                      choices=["auto", "always", "never"])
+    num_proc: int | None = _opt(None, "processes that tokenise the data (as for alignkit sft)")
 
 
 @dataclass
@@ -391,6 +410,8 @@ def validate(config: Any) -> None:
     for name in non_negative:
         if hasattr(config, name) and getattr(config, name) < 0:
             raise UserError(f"'{name}' must be >= 0, got {getattr(config, name)}")
+    if getattr(config, "num_proc", None) is not None and config.num_proc <= 0:
+        raise UserError(f"'num_proc' must be > 0, got {config.num_proc}")
     for name in ["eval_fraction", "lora_dropout", "warmup_ratio"]:
         if hasattr(config, name) and not 0 <= getattr(config, name) < 1:
             raise UserError(f"'{name}' must be in [0, 1), got {getattr(config, name)}")

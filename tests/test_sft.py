@@ -182,7 +182,7 @@ def test_resume_gives_the_same_losses_and_weights_as_an_uninterrupted_run(tmp_pa
 
 
 def test_second_run_reuses_the_tokenised_cache(tmp_path, tiny_model_dir, tokenizer):
-    from alignkit.data.sft_dataset import load_sft_rows
+    from alignkit.data.cache import load_sft_rows
 
     cfg = config(tmp_path, tiny_model_dir)
     template = resolve_template(tokenizer, None)

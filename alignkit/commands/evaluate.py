@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
+from alignkit.data.cache import load_sft_rows
 from alignkit.data.packing import single
 from alignkit.data.prefs import tokenize_preferences
-from alignkit.data.sft_dataset import load_sft_rows
 from alignkit.data.sources import read_rows
 from alignkit.data.templates import resolve_template
 from alignkit.errors import UserError

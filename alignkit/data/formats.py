@@ -7,11 +7,16 @@
 | `alpaca`            | `instruction`, `output`, optional `input` and `system`  | `output`                  |
 | `sharegpt`          | `conversations`: [{from, value}] (human/gpt/system)     | every gpt turn            |
 | `text`              | `text`                                                  | every token (+ eos)       |
+
+Conversations exported from chat services (`messages` and `sharegpt` rows) are repaired by fixed rules, each
+repair counted and reported rather than the row refused: empty turns are left out, turns before the first user
+turn that are not the system message are left out (dumps often open with the assistant's greeting), and
+consecutive turns of one role are merged into one, joined by a blank line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.data.sources import Row
@@ -19,7 +24,8 @@ from alignkit.errors import UserError
 
 FORMATS = ("prompt_completion", "messages", "alpaca", "sharegpt", "text")
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
 
 @dataclass
@@ -36,6 +42,7 @@ class Example:
     origin: str
     messages: list[Message] | None = None
     text: str | None = None
+    repairs: list[str] = field(default_factory=list)  # what the repair rules changed, for the log
 
 
 def detect_format(row: Row) -> str:
@@ -64,6 +71,8 @@ def to_example(row: Row, data_format: str = "auto") -> Example:
     convert = {"prompt_completion": _prompt_completion, "messages": _messages, "alpaca": _alpaca,
                "sharegpt": _sharegpt, "text": _text}[fmt]
     example = convert(row)
+    if fmt in ("messages", "sharegpt"):
+        _repair(example)
     if example.messages is not None:
         _check_conversation(example)
     return example
@@ -163,6 +172,30 @@ def _sharegpt(row: Row) -> Example:
 
 def _text(row: Row) -> Example:
     return Example(row.origin, text=_text_field(row, "text"))
+
+
+def _repair(example: Example) -> None:
+    """The repair rules of the module docstring, applied in that order."""
+    messages = example.messages
+    assert messages is not None
+    kept = [m for m in messages if m.content.strip()]
+    if len(kept) < len(messages):
+        example.repairs.append(f"left out {len(messages) - len(kept)} empty turns")
+    first_user = next((i for i, m in enumerate(kept) if m.role == "user"), 0)  # none: the check says so
+    opening = [m for m in kept[:first_user] if m.role != "system" or m is not kept[0]]
+    if opening:
+        example.repairs.append(f"left out {len(opening)} {opening[0].role} turns before the first user turn")
+        kept = [m for m in kept if not any(m is o for o in opening)]
+    merged: list[Message] = []
+    for message in kept:
+        if merged and merged[-1].role == message.role and message.role != "system":
+            last = merged[-1]
+            merged[-1] = Message(last.role, f"{last.content}\n\n{message.content}", last.train or message.train)
+        else:
+            merged.append(message)
+    if len(merged) < len(kept):
+        example.repairs.append(f"merged {len(kept) - len(merged)} turns into the turn of the same role before them")
+    example.messages = merged
 
 
 def _check_conversation(example: Example) -> None:

@@ -21,10 +21,12 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignkit.data.store import join, take
 from alignkit.errors import UserError
 
 AMOUNTS = ("count", "fraction", "weight")
@@ -174,19 +176,19 @@ def _largest_remainder(weights: list[float], total: int) -> list[int]:
     return counts
 
 
-def draw(rows: list, want: int, rng: random.Random) -> list:
+def draw(rows: Sequence, want: int, rng: random.Random) -> Sequence:
     """`want` rows: whole copies while they fit, then a sample without replacement, kept in file order."""
     copies, rest = divmod(want, len(rows)) if rows else (0, 0)
     picked = sorted(rng.sample(range(len(rows)), rest))
-    return rows * copies + [rows[i] for i in picked]
+    return take(rows, [*range(len(rows))] * copies + picked)
 
 
-def mix(row_lists: list[list], sources: list[Source], total: int, seed: int) -> tuple[list, list[list]]:
+def mix(row_lists: list[Sequence], sources: list[Source], total: int, seed: int) -> tuple[Sequence, list[Sequence]]:
     """All drawn rows (source by source) and each source's drawn rows."""
     counts = planned_counts(sources, [len(rows) for rows in row_lists], total)
     drawn = [draw(rows, want, random.Random(f"{seed}/{source.path}/{_repeat(sources, i)}"))
              for i, (rows, want, source) in enumerate(zip(row_lists, counts, sources, strict=True))]
-    return [row for rows in drawn for row in rows], drawn
+    return join(drawn), drawn
 
 
 def _repeat(sources: list[Source], i: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from alignkit.data.formats import Example, Message, _message_list
 from alignkit.data.sources import Row
-from alignkit.data.tokenize import TokenizedRow, TokenizeStats, check_prompt_lengths, convert_rows, tokenize_examples
+from alignkit.data.tokenize import TokenizedRow, TokenizeStats, check_prompt_lengths
 from alignkit.errors import UserError
 
 
@@ -42,7 +42,7 @@ class PreferenceStats:
     identical: int = 0
     truncated: int = 0
     dropped: int = 0
-    dropped_origins: list[str] = field(default_factory=list)
+    dropped_origins: list[str] = field(default_factory=list)  # the first few
     skipped: int = 0
     skipped_rows: list[str] = field(default_factory=list)
 
@@ -91,33 +91,18 @@ def to_preference(row: Row) -> PreferenceExample | None:
     return PreferenceExample(row.origin, prompt, chosen, rejected)
 
 
-def _as_example(origin: str, prompt: list[Message], completion: list[Message]) -> Example:
+def as_example(origin: str, prompt: list[Message], completion: list[Message]) -> Example:
+    """One side of a pair as an SFT example: the prompt untrained, the completion trained."""
     context = [Message(m.role, m.content) for m in prompt]
     return Example(origin, messages=context + [Message(m.role, m.content, train=True) for m in completion])
 
 
 def tokenize_preferences(tokenizer, template: str, rows: list[Row], max_length: int, on_bad_row: str = "error"
                          ) -> tuple[list[PreferenceRow], PreferenceStats]:
-    stats = PreferenceStats()
-    bad = TokenizeStats()
-    converted = convert_rows(rows, to_preference, on_bad_row, bad)
-    stats.skipped, stats.skipped_rows = bad.skipped, bad.skipped_rows
-    examples = [e for e in converted if e is not None]
-    stats.identical = len(converted) - len(examples)
-    chosen, chosen_stats = tokenize_examples(
-        tokenizer, template, [_as_example(e.origin, e.prompt, e.chosen) for e in examples], max_length)
-    rejected, rejected_stats = tokenize_examples(
-        tokenizer, template, [_as_example(e.origin, e.prompt, e.rejected) for e in examples], max_length)
-    by_origin = {r.origin: r for r in rejected}
-    pairs = []
-    for c in chosen:
-        r = by_origin.get(c.origin)
-        if r is not None:
-            pairs.append(PreferenceRow(c, r, c.origin))
-    dropped = sorted(set(chosen_stats.dropped_origins) | set(rejected_stats.dropped_origins))
-    stats.dropped, stats.dropped_origins = len(dropped), dropped
-    check_prompt_lengths(TokenizeStats(dropped=len(dropped), dropped_origins=dropped), max_length, on_bad_row)
-    cut = set(chosen_stats.truncated_origins) | set(rejected_stats.truncated_origins)
-    stats.truncated = sum(1 for p in pairs if p.origin in cut)
-    stats.pairs = len(pairs)
+    """Pairs of `rows` as Python lists (for small sets: evaluation, tests); training uses `data.cache`."""
+    from alignkit.data.engine import Job, encode_rows
+
+    pairs, stats = encode_rows(Job("dpo", tokenizer, template, max_length, "auto", on_bad_row), rows)
+    check_prompt_lengths(TokenizeStats(dropped=stats.dropped, dropped_origins=stats.dropped_origins), max_length,
+                         on_bad_row)
     return pairs, stats

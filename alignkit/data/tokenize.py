@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from alignkit.data.formats import Example, Message
 from alignkit.errors import UserError
 
 IGNORE = -100  # label of tokens that are not trained (torch's cross-entropy ignore_index)
+KEEP = 5  # origins of dropped, truncated, skipped and repaired rows named in the statistics, the first few
 
 
 @dataclass
@@ -31,23 +34,28 @@ class TokenizeStats:
     rows: int = 0
     truncated: int = 0
     dropped: int = 0
-    dropped_origins: list[str] = field(default_factory=list)
-    truncated_origins: list[str] = field(default_factory=list)
+    dropped_origins: list[str] = field(default_factory=list)  # the first few
+    truncated_origins: list[str] = field(default_factory=list)  # the first few
     skipped: int = 0  # bad rows left out under on_bad_row: skip
     skipped_rows: list[str] = field(default_factory=list)  # "origin: what is wrong", the first few
+    repaired: int = 0  # rows changed by the conversation repair rules (see `alignkit.data.formats`)
+    repaired_rows: list[str] = field(default_factory=list)  # "origin: what was changed", the first few
 
 
-def trained_label_count(rows: list[TokenizedRow]) -> int:
+def trained_label_count(rows) -> int:
     """Tokens that enter the loss: labels after the shift (position t predicts token t+1)."""
+    if hasattr(rows, "trained_counts"):  # stored rows know their counts without reading their tokens
+        return int(rows.trained_counts().sum())
     return sum(sum(1 for label in r.labels[1:] if label != IGNORE) for r in rows)
 
 
 def merge_stats(parts: list[TokenizeStats]) -> TokenizeStats:
-    """The statistics of several sources tokenised apart, as if they were one."""
+    """The statistics of several sources or chunks tokenised apart, as if they were one."""
     merged = TokenizeStats()
     for part in parts:
         for name, value in vars(part).items():
-            setattr(merged, name, getattr(merged, name) + value)
+            total = getattr(merged, name) + value
+            setattr(merged, name, total[:KEEP] if isinstance(total, list) else total)
     return merged
 
 
@@ -78,15 +86,6 @@ def trained_spans(tokenizer, template: str, example: Example) -> tuple[str, list
     return full, spans
 
 
-def _is_trained(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
-    for lo, hi in spans:
-        if start < hi and end > lo:
-            return True
-        if start == end and lo <= start < hi:  # zero-width tokens inside a span
-            return True
-    return False
-
-
 def check_prompt_lengths(stats: TokenizeStats, max_length: int, on_bad_row: str) -> None:
     """Under on_bad_row: error, a row whose prompt alone fills max_length stops the run before training."""
     if stats.dropped and on_bad_row == "error":
@@ -94,7 +93,7 @@ def check_prompt_lengths(stats: TokenizeStats, max_length: int, on_bad_row: str)
                         f"({stats.dropped} rows like this); raise --max-length or pass --on-bad-row skip")
 
 
-def convert_rows(rows: list, convert, on_bad_row: str, stats: TokenizeStats, keep: int = 5) -> list:
+def convert_rows(rows, convert, on_bad_row: str, stats: TokenizeStats) -> list:
     """`convert` applied to each row; bad rows raise (error) or are counted and left out (skip)."""
     converted = []
     for row in rows:
@@ -104,13 +103,24 @@ def convert_rows(rows: list, convert, on_bad_row: str, stats: TokenizeStats, kee
             if on_bad_row != "skip":
                 raise
             stats.skipped += 1
-            if len(stats.skipped_rows) < keep:
-                stats.skipped_rows.append(str(err))
+            _keep(stats.skipped_rows, str(err))
     return converted
 
 
-def tokenize_examples(tokenizer, template: str, examples: list[Example], max_length: int
-                      ) -> tuple[list[TokenizedRow], TokenizeStats]:
+@dataclass
+class Encoded:
+    """One example as token arrays: ids, which of them are trained, and whether max_length cut it."""
+
+    ids: np.ndarray  # int64
+    trained: np.ndarray  # bool, per token (not yet shifted)
+    truncated: bool
+
+
+def encode_examples(tokenizer, template: str, examples: list[Example], max_length: int) -> list[Encoded | None]:
+    """Each example's tokens, or None when its prompt alone fills max_length (nothing left to train).
+
+    The fast tokenizer encodes a batch of rendered texts at once and each encoding is cut to max_length before
+    its ids and offsets become Python objects, so the tokens past max_length never leave the tokenizer."""
     if not tokenizer.is_fast:
         raise UserError("alignkit needs a fast (Rust) tokenizer to locate completion tokens exactly")
     texts, spans_per_row = [], []
@@ -122,23 +132,63 @@ def tokenize_examples(tokenizer, template: str, examples: list[Example], max_len
             text, spans = trained_spans(tokenizer, template, example)
             texts.append(text)
             spans_per_row.append(spans)
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = []
+    for encoding, spans in zip(tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False),
+                               spans_per_row, strict=True):
+        truncated = len(encoding) > max_length
+        if truncated:
+            encoding.truncate(max_length)
+        ids = np.asarray(encoding.ids, dtype=np.int64)
+        trained = np.ones(len(ids), dtype=bool) if spans is None else _trained_mask(encoding.offsets, spans)
+        encoded.append(None if truncated and not trained.any() else Encoded(ids, trained, truncated))
+    return encoded
+
+
+def _trained_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """Tokens whose characters overlap a trained span (zero-width tokens: that lie inside one)."""
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = bounds[:, 0], bounds[:, 1]
+    trained = np.zeros(len(bounds), dtype=bool)
+    for lo, hi in spans:
+        trained |= (starts < hi) & (ends > lo)
+        trained |= (starts == ends) & (starts >= lo) & (starts < hi)
+    return trained
+
+
+def labels_of(ids: np.ndarray, trained: np.ndarray) -> list[int]:
+    return np.where(trained, ids, IGNORE).tolist()
+
+
+def count_encoded(stats: TokenizeStats, origin: str, encoded: Encoded | None) -> None:
+    """Record one example's fate (kept, cut or dropped) in the statistics."""
+    if encoded is None:
+        stats.dropped += 1
+        _keep(stats.dropped_origins, origin)
+    else:
+        stats.rows += 1
+        if encoded.truncated:
+            stats.truncated += 1
+            _keep(stats.truncated_origins, origin)
+
+
+def count_repairs(stats: TokenizeStats, example: Example) -> None:
+    if example.repairs:
+        stats.repaired += 1
+        _keep(stats.repaired_rows, f"{example.origin}: {'; '.join(example.repairs)}")
+
+
+def _keep(examples: list[str], item: str) -> None:
+    if len(examples) < KEEP:
+        examples.append(item)
+
+
+def tokenize_examples(tokenizer, template: str, examples: list[Example], max_length: int
+                      ) -> tuple[list[TokenizedRow], TokenizeStats]:
+    """The examples as rows of Python lists (for small sets: evaluation, tests); see `encode_examples`."""
     stats = TokenizeStats()
     rows = []
-    for example, ids, offsets, spans in zip(examples, encoded["input_ids"], encoded["offset_mapping"],
-                                            spans_per_row, strict=True):
-        if spans is None:
-            labels = list(ids)
-        else:
-            labels = [t if _is_trained(s, e, spans) else IGNORE for t, (s, e) in zip(ids, offsets, strict=True)]
-        if len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
-            if all(label == IGNORE for label in labels):
-                stats.dropped += 1
-                stats.dropped_origins.append(example.origin)
-                continue
-            stats.truncated += 1
-            stats.truncated_origins.append(example.origin)
-        rows.append(TokenizedRow(list(ids), labels, example.origin))
-    stats.rows = len(rows)
+    for example, encoded in zip(examples, encode_examples(tokenizer, template, examples, max_length), strict=True):
+        count_encoded(stats, example.origin, encoded)
+        if encoded is not None:
+            rows.append(TokenizedRow(encoded.ids.tolist(), labels_of(encoded.ids, encoded.trained), example.origin))
     return rows, stats

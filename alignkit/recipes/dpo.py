@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,12 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from alignkit.config import REFERENCE_FREE, DPOConfig, save_yaml
-from alignkit.data.batches import micro_batches
+from alignkit.data.batches import batch_positions
+from alignkit.data.cache import load_pair_rows
 from alignkit.data.mixture import load_mixture, log_mixture
-from alignkit.data.prefs import PreferenceRow, tokenize_preferences
-from alignkit.data.sources import file_fingerprint, read_rows
-from alignkit.data.tokenize import trained_label_count
+from alignkit.data.prefs import PreferenceRow
+from alignkit.data.sources import file_fingerprint
+from alignkit.data.store import StoredRows, lengths, trained_counts
 from alignkit.errors import UserError
 from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
@@ -94,9 +96,13 @@ class Reference:
     model: torch.nn.Module | None = None
 
 
-def load_pairs(paths: list[str], tokenizer, template: str, max_length: int, on_bad_row: str = "error"
-               ) -> tuple[list[PreferenceRow], dict]:
-    pairs, stats = tokenize_preferences(tokenizer, template, read_rows(paths), max_length, on_bad_row)
+def load_pairs(paths: list[str], tokenizer, template: str, max_length: int, on_bad_row: str = "error",
+               num_proc: int | None = None) -> tuple[Sequence, dict]:
+    pairs, stats, cached = load_pair_rows(paths, tokenizer, template, max_length, on_bad_row, num_proc)
+    if cached:
+        log(f"{', '.join(paths)}: tokenised pairs loaded from cache")
+    if stats.skipped:
+        log(f"skipped {stats.skipped} bad rows (on_bad_row: skip), e.g. {stats.skipped_rows[0]}")
     if stats.identical:
         log(f"dropped {stats.identical} rows whose chosen equals rejected")
     if stats.dropped:
@@ -106,32 +112,33 @@ def load_pairs(paths: list[str], tokenizer, template: str, max_length: int, on_b
                    "dropped": stats.dropped, "skipped": stats.skipped, "skipped_examples": stats.skipped_rows}
 
 
-def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[list[PreferenceRow], dict, list[dict]]:
+def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[Sequence, dict, list[dict]]:
     """Pairs drawn from the data sources (see `alignkit.data.mixture`), merged statistics, a row per source."""
     pairs, source_stats, sources = load_mixture(
         cfg.data, cfg.mix_total, cfg.seed,
-        lambda path: load_pairs([path], tokenizer, template, cfg.max_length, cfg.on_bad_row), pair_tokens)
+        lambda path: load_pairs([path], tokenizer, template, cfg.max_length, cfg.on_bad_row, cfg.num_proc),
+        pair_tokens)
     stats = {name: sum((part[name] for part in source_stats), [] if isinstance(value, list) else 0)
              for name, value in source_stats[0].items()}
     log_mixture(sources, "pairs")
     return pairs, stats, sources
 
 
-def pair_tokens(pairs: list[PreferenceRow]) -> int:
+def pair_tokens(pairs: Sequence) -> int:
     """Trained (scored) tokens of both answers."""
-    return trained_label_count([row for p in pairs for row in (p.chosen, p.rejected)])
+    return int(trained_counts(pairs).sum())
 
 
-def longest_forward(pairs: list[PreferenceRow], cfg: DPOConfig) -> int:
+def longest_forward(pairs: Sequence, cfg: DPOConfig) -> int:
     """Tokens in the largest forward pass the layout makes (what activation memory scales with); a prefix-shared
     sequence holds the prompt once, so chosen + rejected bounds it."""
-    longest = max(len(s.input_ids) for p in pairs for s in (p.chosen, p.rejected))
+    sizes = lengths(pairs)
     layout = dpo_layout(cfg)
     if layout == "padded":
-        return 2 * cfg.batch_size * longest
+        return 2 * cfg.batch_size * int(sizes.max())
     if layout == "prefix_shared":
-        return max(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
-    return longest
+        return int(sizes.sum(axis=1).max())
+    return int(sizes.max())
 
 
 def dpo_layout(cfg: DPOConfig) -> str:
@@ -202,35 +209,65 @@ def store_linear_weights_in_bf16(model: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
-def precompute(reference: Reference, policy, pair_sets: list[list[PreferenceRow]], cfg: DPOConfig, pad_id: int,
+def precompute(reference: Reference, policy, pair_sets: list[Sequence], cfg: DPOConfig, pad_id: int,
                accelerator: Accelerator, model_path: Path) -> Reference:
-    """Score every pair under the reference once (cached on disk), then drop the reference model."""
-    all_pairs = [p for pairs in pair_sets for p in pairs]
+    """Score every pair under the reference once (cached on disk), then drop the reference model.
+
+    Each set's log-probs are kept beside its rows (`StoredRows.ref_logps`, one (chosen, rejected) per row), and
+    the cache key covers the model, the settings and every pair's tokens and labels."""
     digest = hashlib.sha256()
     for part in (str(model_path), cfg.ref_model or "", file_fingerprint([str(f) for f in model_path.glob("*")]),
                  str(cfg.lora), accelerator.mixed_precision):
         digest.update(part.encode())
-    for p in all_pairs:
-        digest.update(json.dumps([p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids]).encode())
+    for pairs in pair_sets:
+        digest.update(pairs_fingerprint(pairs).encode())
     cache = cache_root() / "reference-logps" / f"{digest.hexdigest()[:24]}.safetensors"
+    total = sum(len(pairs) for pairs in pair_sets)
     if cache.is_file():
-        stored = load_file(cache)["logps"].tolist()
+        stored = load_file(cache)["logps"]
         log("reference log-probs loaded from cache")
     else:
         source = Reference("adapter") if reference.model is None else Reference("copy", reference.model)
-        stored = []
-        for start in tqdm(range(0, len(all_pairs), cfg.batch_size), desc="reference log-probs",
-                          disable=not accelerator.is_main_process):
-            chunk = all_pairs[start:start + cfg.batch_size]
-            with autocast_region(accelerator):
-                chosen, rejected = reference_logps(source, policy, chunk, dpo_layout(cfg), pad_id, accelerator.device)
-            stored += list(zip(chosen.float().tolist(), rejected.float().tolist(), strict=True))
+        scores = []
+        progress = tqdm(total=total, desc="reference log-probs", disable=not accelerator.is_main_process)
+        for pairs in pair_sets:
+            for start in range(0, len(pairs), cfg.batch_size):
+                chunk = [pairs[i] for i in range(start, min(start + cfg.batch_size, len(pairs)))]
+                with autocast_region(accelerator):
+                    chosen, rejected = reference_logps(source, policy, chunk, dpo_layout(cfg), pad_id,
+                                                       accelerator.device)
+                scores.append(torch.stack([chosen.float(), rejected.float()], dim=1).cpu())
+                progress.update(len(chunk))
+        progress.close()
+        stored = torch.cat(scores) if scores else torch.zeros((0, 2))
         if accelerator.is_main_process:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"logps": torch.tensor(stored, dtype=torch.float32)}, str(cache))
-    for pair, logps in zip(all_pairs, stored, strict=True):
-        pair.ref_logps = tuple(logps)
+            save_file({"logps": stored.contiguous()}, str(cache))
+    start = 0
+    for pairs in pair_sets:
+        attach_reference(pairs, stored[start:start + len(pairs)])
+        start += len(pairs)
     return Reference("precomputed")
+
+
+def pairs_fingerprint(pairs: Sequence) -> str:
+    """Identifies the pairs' tokens and labels, chosen and rejected, in order."""
+    if isinstance(pairs, StoredRows):
+        return pairs.content_hash()
+    digest = hashlib.sha256()
+    for p in pairs:
+        digest.update(json.dumps([p.chosen.input_ids, p.chosen.labels, p.rejected.input_ids,
+                                  p.rejected.labels]).encode())
+    return digest.hexdigest()
+
+
+def attach_reference(pairs: Sequence, logps: torch.Tensor) -> None:
+    """Give each pair its reference log-probs: stored rows keep them as one tensor, listed pairs each."""
+    if isinstance(pairs, StoredRows):
+        pairs.ref_logps = logps
+    else:
+        for pair, values in zip(pairs, logps.tolist(), strict=True):
+            pair.ref_logps = tuple(values)
 
 
 # ---------------------------------------------------------------- the loop's parts
@@ -265,8 +302,8 @@ def batch_loss(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPO
     return loss, sums, tokens
 
 
-def chosen_tokens(pairs: list[PreferenceRow]) -> int:
-    return sum(sum(1 for label in p.chosen.labels[1:] if label != -100) for p in pairs)
+def chosen_tokens(pairs: Sequence) -> int:
+    return int(trained_counts(pairs)[:, 0].sum()) if len(pairs) else 0
 
 
 def train_step(model, reference, optimizer, scheduler, step_batches, weight: float, cfg: DPOConfig, pad_id: int,
@@ -308,17 +345,17 @@ def train_step(model, reference, optimizer, scheduler, step_batches, weight: flo
 
 
 @torch.no_grad()
-def evaluate(model, reference: Reference, pairs: list[PreferenceRow], cfg: DPOConfig, pad_id: int,
+def evaluate(model, reference: Reference, pairs: Sequence, cfg: DPOConfig, pad_id: int,
              accelerator: Accelerator) -> dict:
     model = eval_model(model, accelerator)
     model.eval()
-    shard = pairs[accelerator.process_index::accelerator.num_processes]
+    shard = list(pairs[accelerator.process_index::accelerator.num_processes])
     total_pairs = float(len(pairs))
     total_chosen = float(max(1, chosen_tokens(pairs)))
     totals = {name: torch.zeros((), device=accelerator.device) for name in METRICS}
     chunks = [shard[start:start + cfg.batch_size] for start in range(0, len(shard), cfg.batch_size)]
     with autocast_region(accelerator):
-        for chunk, weight in equal_passes(chunks, pairs[:1], accelerator):
+        for chunk, weight in equal_passes(chunks, [pairs[0]], accelerator):
             loss, sums, _ = batch_loss(model, reference, chunk, cfg, pad_id, total_pairs, total_chosen,
                                        accelerator.device)
             totals["loss"] += weight * loss
@@ -347,10 +384,13 @@ def train(cfg: DPOConfig):
     set_seed(cfg.seed)
 
     model_path, tokenizer, template = load_inputs(cfg)
-    train_pairs, stats, sources = load_training_pairs(cfg, tokenizer, template)
-    if cfg.eval_data:
-        eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row)
-    else:
+    with accelerator.main_process_first():  # one process tokenises; the others then open its cached store
+        train_pairs, stats, sources = load_training_pairs(cfg, tokenizer, template)
+        eval_pairs: Sequence = []
+        if cfg.eval_data:
+            eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row,
+                                       cfg.num_proc)
+    if not cfg.eval_data:
         train_pairs, eval_pairs = split_eval(train_pairs, cfg.eval_fraction, cfg.seed)
     if not train_pairs:
         raise UserError("no preference pairs left to train on")
@@ -371,7 +411,7 @@ def train(cfg: DPOConfig):
         reference = precompute(reference, model, [train_pairs, eval_pairs], cfg, pad_id, accelerator, model_path)
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    per_epoch = steps_per_epoch(len(micro_batches(train_pairs, cfg.batch_size, cfg.seed, 0, rank, world)),
+    per_epoch = steps_per_epoch(len(batch_positions(len(train_pairs), cfg.batch_size, cfg.seed, 0, rank, world)),
                                 cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -18,10 +19,11 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from alignkit.config import SFTConfig, save_yaml
-from alignkit.data.batches import micro_batches
+from alignkit.data.batches import batch_positions
+from alignkit.data.cache import load_sft_rows
 from alignkit.data.mixture import load_mixture, log_mixture
 from alignkit.data.packing import sft_units
-from alignkit.data.sft_dataset import load_sft_rows
+from alignkit.data.store import lengths
 from alignkit.data.tokenize import TokenizedRow, merge_stats, trained_label_count
 from alignkit.errors import UserError
 from alignkit.losses import sft_loss
@@ -68,17 +70,17 @@ def load_data(cfg: SFTConfig, tokenizer, template: str):
     """(training rows drawn from the data sources, eval rows, merged statistics, a summary row per source)."""
     def load_source(path: str):
         rows, stats, cached = load_sft_rows([path], cfg.data_format, tokenizer, template, cfg.max_length,
-                                            on_bad_row=cfg.on_bad_row)
+                                            on_bad_row=cfg.on_bad_row, num_proc=cfg.num_proc)
         if cached:
             log(f"{path}: tokenised rows loaded from cache")
         return rows, stats
 
     train, source_stats, sources = load_mixture(cfg.data, cfg.mix_total, cfg.seed, load_source, trained_label_count)
     stats = merge_stats(source_stats)
-    eval_rows: list[TokenizedRow] = []
+    eval_rows: Sequence = []
     if cfg.eval_data:
         eval_rows, _, _ = load_sft_rows(cfg.eval_data, cfg.data_format, tokenizer, template, cfg.max_length,
-                                        on_bad_row=cfg.on_bad_row)
+                                        on_bad_row=cfg.on_bad_row, num_proc=cfg.num_proc)
     else:
         train, eval_rows = split_eval(train, cfg.eval_fraction, cfg.seed)
     if not train:
@@ -87,6 +89,10 @@ def load_data(cfg: SFTConfig, tokenizer, template: str):
     if stats.dropped:
         shown = ", ".join(stats.dropped_origins[:3])
         log(f"dropped {stats.dropped} rows whose prompt alone fills max_length={cfg.max_length} (e.g. {shown})")
+    if stats.repaired:
+        log(f"repaired {stats.repaired} conversations (see data_format in docs/sft.md), e.g. {stats.repaired_rows[0]}")
+    if stats.skipped:
+        log(f"skipped {stats.skipped} bad rows (on_bad_row: skip), e.g. {stats.skipped_rows[0]}")
     log_mixture(sources, "rows")
     return train, eval_rows, stats, sources
 
@@ -100,9 +106,9 @@ def resolve_layout(layout: str, device: torch.device) -> str:
     return "packed" if device.type == "cuda" else "per_sequence"
 
 
-def longest_forward(rows: list[TokenizedRow], cfg: SFTConfig, device: torch.device) -> int:
+def longest_forward(rows: Sequence, cfg: SFTConfig, device: torch.device) -> int:
     """Tokens in the largest forward pass the layout makes (what activation memory scales with)."""
-    longest = max(len(r.input_ids) for r in rows)
+    longest = int(lengths(rows).max())
     layout = resolve_layout(cfg.layout, device)
     return {"packed": cfg.batch_size * max(cfg.max_length, longest),  # up to a bin per row
             "padded": cfg.batch_size * longest}.get(layout, longest)
@@ -150,16 +156,16 @@ def train_step(model, optimizer, scheduler, step_batches: list[list[TokenizedRow
 
 
 @torch.no_grad()
-def evaluate(model, rows: list[TokenizedRow], cfg: SFTConfig, pad_id: int, accelerator: Accelerator) -> dict:
+def evaluate(model, rows: Sequence, cfg: SFTConfig, pad_id: int, accelerator: Accelerator) -> dict:
     model = eval_model(model, accelerator)
     model.eval()
     layout = resolve_layout(cfg.layout, accelerator.device)
-    shard = rows[accelerator.process_index::accelerator.num_processes]
+    shard = list(rows[accelerator.process_index::accelerator.num_processes])
     nll = torch.zeros((), device=accelerator.device)
     tokens = torch.zeros((), device=accelerator.device)
     units = [u for start in range(0, len(shard), cfg.batch_size)
              for u in sft_units(shard[start:start + cfg.batch_size], layout, pad_id, cfg.max_length)]
-    filler = sft_units(rows[:1], layout, pad_id, cfg.max_length)[0]
+    filler = sft_units([rows[0]], layout, pad_id, cfg.max_length)[0]
     with autocast_region(accelerator):
         for unit, weight in equal_passes(units, filler, accelerator):
             sums, counts = unit_logps(model, unit.to(accelerator.device))
@@ -192,7 +198,8 @@ def train(cfg: SFTConfig):
     set_seed(cfg.seed)
 
     model_path, tokenizer, template = load_inputs(cfg)
-    train_rows, eval_rows, stats, sources = load_data(cfg, tokenizer, template)
+    with accelerator.main_process_first():  # one process tokenises; the others then open its cached store
+        train_rows, eval_rows, stats, sources = load_data(cfg, tokenizer, template)
     model = build_policy(cfg, model_path, checkpoint)
     recompute = checkpointing.configure(model, cfg.activation_checkpointing,
                                         longest_forward(train_rows, cfg, accelerator.device), accelerator.device,
@@ -202,7 +209,7 @@ def train(cfg: SFTConfig):
         save_yaml(cfg, out / "config.yaml")
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    batches_per_epoch = len(micro_batches(train_rows, cfg.batch_size, cfg.seed, 0, rank, world))
+    batches_per_epoch = len(batch_positions(len(train_rows), cfg.batch_size, cfg.seed, 0, rank, world))
     per_epoch = steps_per_epoch(batches_per_epoch, cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -290,7 +297,8 @@ def train(cfg: SFTConfig):
         "tokens_per_s": round(state["tokens"] / max(state["step_seconds"], 1e-9), 1),
         "peak_memory_mib": round(peak_memory_mib(accelerator.device), 1),
         "rows": {"used": len(train_rows), "eval": len(eval_rows), "truncated": stats.truncated,
-                 "dropped": stats.dropped, "skipped": stats.skipped, "skipped_examples": stats.skipped_rows},
+                 "dropped": stats.dropped, "skipped": stats.skipped, "skipped_examples": stats.skipped_rows,
+                 "repaired": stats.repaired, "repaired_examples": stats.repaired_rows},
         "sources": sources,
         "skipped_steps": guard.skipped,
         "train_seconds": round(train_seconds, 2),

@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import warnings
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from alignkit.data.batches import micro_batches, tail_rows
+from alignkit.data.batches import batch_positions, tail_rows
+from alignkit.data.store import take
 from alignkit.errors import Interrupted, RunError, UserError
 from alignkit.training import kernel_caches, zero
 from alignkit.training.checkpoint import load_training_state, save_checkpoint
@@ -95,7 +97,8 @@ def claim_output_dir(cfg, out: Path, is_main: bool) -> None:
     (out / PID_FILE).write_text(str(os.getpid()))  # `alignkit ui` tells a running run from a dead one by it
 
 
-def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_eval(rows: Sequence, fraction: float, seed: int) -> tuple[Sequence, Sequence]:
+    """(training rows, held-out rows): a seeded `fraction` of the rows held out, both kept in their order."""
     if fraction <= 0:
         return rows, []
     order = list(range(len(rows)))
@@ -104,25 +107,27 @@ def split_eval(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     if n_eval >= len(rows):
         raise UserError(f"eval_fraction {fraction} leaves no training rows out of {len(rows)}")
     held = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    return (take(rows, [i for i in range(len(rows)) if i not in held]),
+            take(rows, [i for i in range(len(rows)) if i in held]))
 
 
 def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
     return math.ceil(num_batches / grad_accum)
 
 
-def step_stream(rows: list, cfg, epoch: int, index: int, rank: int, world: int):
+def step_stream(rows: Sequence, cfg, epoch: int, index: int, rank: int, world: int):
     """Yield (micro-batches of one step, loss weight, epoch, index after it), endlessly, from a saved position.
 
-    Empty micro-batches (this process's share of a short last global batch) are left out. A process left with
+    Only the step's rows are read from `rows` (stored rows become Python lists one step at a time). Empty
+    micro-batches (this process's share of a short last global batch) are left out. A process left with
     no row at all in a step must still run a forward and backward pass, since the others wait for its
     gradients: it gets one real row with loss weight 0, which adds nothing to the loss, gradients or metrics."""
     while True:
-        batches = micro_batches(rows, cfg.batch_size, cfg.seed, epoch, rank, world)
+        batches = batch_positions(len(rows), cfg.batch_size, cfg.seed, epoch, rank, world)
         while index < len(batches):
-            live = [b for b in batches[index:index + cfg.grad_accum] if b]
+            live = [[rows[i] for i in b] for b in batches[index:index + cfg.grad_accum] if b]
             index = min(index + cfg.grad_accum, len(batches))
-            yield (live, 1.0, epoch, index) if live else ([rows[:1]], 0.0, epoch, index)
+            yield (live, 1.0, epoch, index) if live else ([[rows[0]]], 0.0, epoch, index)
         epoch, index = epoch + 1, 0
 
 

