@@ -36,8 +36,9 @@ class TrainConfig:
                                       "source may take an amount, PATH@count=N, @fraction=F or @weight=W "
                                       "(see docs/data-mixtures.md)", sources=True)
     mix_total: int = _opt(0, "rows shared by the data sources given a weight, in proportion to their weights")
-    chat_template: str | None = _opt(None, "chat template: a .jinja file or chatml, llama3, plain "
-                                           "(default: the tokenizer's own, else chatml)")
+    chat_template: str | None = _opt(None, "chat template: a .jinja file or chatml, chatml-eos, gemma, llama3, "
+                                           "plain (default: the tokenizer's own, else the family's own turn "
+                                           "tokens, else chatml-eos; see docs/sft.md)")
     eval_data: list[str] = _opt([], "evaluation data files (same formats as data)")
     eval_fraction: float = _opt(0.0, "fraction of the training rows held out for evaluation when no eval_data")
     output_dir: str | None = _opt(None, "run folder: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/ "

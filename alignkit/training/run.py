@@ -55,12 +55,14 @@ def load_inputs(cfg):
     """(model folder, tokenizer, chat template) for a training run, data paths checked first.
 
     The data paths are checked before the model is resolved, so a typo never waits for a model download. The
-    tokenizer keeps the template it is trained with, so final/ carries it."""
+    tokenizer keeps the template it is trained with, so final/ carries it; a built-in chosen for a model without
+    a template is recorded as `cfg.chat_template`, so config.yaml names it."""
     from transformers.utils import logging as hf_logging
 
     from alignkit.data.mixture import source_paths
     from alignkit.data.sources import require
-    from alignkit.data.templates import resolve_template
+    from alignkit.data.templates import choose_template
+    from alignkit.models.embedded import log
     from alignkit.models.load import load_tokenizer, resolve_model
 
     for path in source_paths(cfg.data) + cfg.eval_data:
@@ -68,7 +70,10 @@ def load_inputs(cfg):
     model_path = resolve_model(cfg.model)
     hf_logging.disable_progress_bar()  # our bar is the one to watch; weight loading and saving stay quiet
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    tokenizer.chat_template = resolve_template(tokenizer, cfg.chat_template)
+    choice = choose_template(tokenizer, cfg.chat_template)
+    log(f"chat template: {choice.name} ({choice.reason})" if choice.name else f"chat template: {choice.reason}")
+    cfg.chat_template = choice.name
+    tokenizer.chat_template = choice.source
     return model_path, tokenizer, tokenizer.chat_template
 
 
