@@ -18,6 +18,7 @@ from accelerate.state import AcceleratorState
 
 from alignkit.data.batches import micro_batches, tail_rows
 from alignkit.errors import Interrupted, RunError, UserError
+from alignkit.models.load import no_hub_lookup
 from alignkit.training import kernel_caches, zero
 from alignkit.training.checkpoint import load_training_state, save_checkpoint
 from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
@@ -148,7 +149,8 @@ def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
     if accelerator.is_main_process:
         try:
             shutil.rmtree(staging, ignore_errors=True)
-            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
+            with no_hub_lookup():
+                accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
             if final.exists():
                 shutil.rmtree(final)
