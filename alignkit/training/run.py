@@ -72,7 +72,8 @@ def load_inputs(cfg):
     hf_logging.disable_progress_bar()  # our bar is the one to watch; weight loading and saving stay quiet
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     choice = choose_template(tokenizer, cfg.chat_template)
-    log(f"chat template: {choice.name} ({choice.reason})" if choice.name else f"chat template: {choice.reason}")
+    if choice.name or choice.source != tokenizer.chat_template:  # the tokenizer's own, unchanged, goes unsaid
+        log(f"chat template: {choice.name} ({choice.reason})" if choice.name else f"chat template: {choice.reason}")
     cfg.chat_template = choice.name
     tokenizer.chat_template = choice.source
     return model_path, tokenizer, tokenizer.chat_template
