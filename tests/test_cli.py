@@ -148,7 +148,8 @@ def test_console_script_runs_as_a_module():
 def test_overwrite_never_deletes_a_run_before_the_inputs_pass_their_checks(tmp_path, tiny_model_dir, data, capsys):
     out = tmp_path / "out"
     base = ["sft", "--model", str(tiny_model_dir), "--output-dir", str(out), "--max-steps", "1", "--dtype", "fp32"]
-    assert run_cli(capsys, *base, "--data", data)[0] == 0
+    # --save-last: a checkpoint of the last step, for the --resume below to check against
+    assert run_cli(capsys, *base, "--data", data, "--save-last")[0] == 0
     code, err = run_cli(capsys, *base, "--data", str(tmp_path / "missing.jsonl"), "--overwrite")
     assert code == 2 and "missing.jsonl: data file not found" in err
     assert (out / "final" / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()

@@ -136,6 +136,7 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     decoder layer and attention module for good, and inside a compiled layer those hooks' context-variable read
     breaks the graph (each layer became several compiled graphs with eager code between them). A model whose
     decoder stack transformers cannot name is still asked for its hidden states."""
+    attention_mask = layer_masks(model, attention_mask, position_ids)
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
                   use_cache=False, output_attentions=False)  # explicit: a config's own `output_*` would hook
     stack = _decoder_stack(model)
@@ -150,6 +151,29 @@ def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if len(caught) != 1:
         raise RuntimeError(f"{type(stack).__name__} ran {len(caught)} times in one forward pass, expected once")
     return caught[0]
+
+
+def layer_masks(model, mask: torch.Tensor | None, position_ids: torch.Tensor | None):
+    """A 4-D boolean mask of the packed and prefix-shared layouts as the model's layers need it.
+
+    transformers passes a 4-D mask to every layer unchanged: eager attention (Gemma 2's default) adds it to the
+    scores, so it must be additive, and a sliding-window layer (Mistral, Phi-3, Gemma 2 and 3) would see further
+    back than its window. The window is cut from the mask by position distance (so a
+    prefix-shared rejected branch counts from the shared prompt, as in its own row); a model with both layer
+    kinds gets transformers' per-kind mapping, which its forward accepts in place of a mask."""
+    config = transformers_model(model).config
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
+    if mask is None or mask.dim() != 4:
+        return mask
+    if config._attn_implementation == "eager":  # it adds the mask to the scores: True/False would add 1/0
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    if not window or "sliding_attention" not in kinds:
+        return mask
+    positions = position_ids if position_ids is not None else torch.arange(mask.shape[-1], device=mask.device)[None]
+    far = (positions[:, :, None] - positions[:, None, :] >= window)[:, None]
+    windowed = mask.masked_fill(far, torch.finfo(torch.float32).min) if mask.is_floating_point() else mask & ~far
+    return windowed if kinds == {"sliding_attention"} else {"full_attention": mask, "sliding_attention": windowed}
 
 
 def _decoder_stack(model) -> torch.nn.Module | None:

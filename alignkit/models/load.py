@@ -1,7 +1,9 @@
-"""Load a causal LM and its tokenizer from a folder, a GGUF file or an embedded alias; add LoRA."""
+"""Load a causal LM and its tokenizer from a folder, a GGUF file or an alias (embedded or zoo); add LoRA."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -9,22 +11,47 @@ import torch
 from alignkit.errors import UserError
 from alignkit.models.embedded import EMBEDDED, convert_gguf, embedded_model_path, gguf_cache_path
 from alignkit.models.lora_dropout import use_gap_dropout
+from alignkit.models.zoo import ZOO, zoo_model_path
 
 
 def resolve_model(spec: str) -> Path:
     """A model folder for `spec`: the alias's cache, a converted GGUF, or the folder itself."""
     if spec in EMBEDDED:
         return embedded_model_path(spec)
+    if spec in ZOO:
+        return zoo_model_path(spec)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         cached = gguf_cache_path(path)
         return cached if (cached / "config.json").is_file() else convert_gguf(path, cached)
     if not path.exists():
-        known = ", ".join(EMBEDDED)
+        known = ", ".join([*EMBEDDED, *ZOO])
         raise UserError(f"{spec}: model not found (give a model folder, a .gguf file, or one of: {known})")
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise UserError(f"{spec}: not a model folder (no config.json)")
     return path
+
+
+def portable_name(spec: str) -> str:
+    """What an adapter records as its base: the alias, or the absolute path the user gave (a folder or a .gguf
+    file), never the cache folder an alias or a GGUF file resolves to; `resolve_model` resolves it again."""
+    return spec if spec in EMBEDDED or spec in ZOO else str(Path(spec).expanduser().resolve())
+
+
+@contextlib.contextmanager
+def no_hub_lookup():
+    """Saving an adapter, peft asks the Hub for its base's config.json unless the base is a local folder; an alias
+    is neither, and alignkit never resizes a vocabulary, so the lookup is turned off (peft reads this variable
+    at each call)."""
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["HF_HUB_OFFLINE"]
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -54,8 +81,7 @@ def load_adapter_model(path: Path, dtype: torch.dtype = torch.float32, trust_rem
     base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_name:
         raise UserError(f"{path}: adapter_config.json names no base model")
-    base_path = Path(base_name)
-    base = load_model(base_path if base_path.exists() else resolve_model(base_name), dtype, trust_remote_code)
+    base = load_model(resolve_model(base_name), dtype, trust_remote_code)
     return PeftModel.from_pretrained(base, path)
 
 
@@ -97,7 +123,8 @@ def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str]):
 
 
 def build_policy(cfg, model_path: Path, checkpoint: Path | None):
-    """The model to train: full weights or base + LoRA, from the checkpoint when resuming."""
+    """The model to train: full weights or base + LoRA, from the checkpoint when resuming. A LoRA adapter names
+    `cfg.model` as its base (`portable_name`), so it still loads once the cache has moved."""
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     # A full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapter.
     if checkpoint is not None:
@@ -108,6 +135,7 @@ def build_policy(cfg, model_path: Path, checkpoint: Path | None):
     weights = checkpoint / "model" if checkpoint is not None and not cfg.lora else model_path
     model = load_model(weights, dtype, cfg.trust_remote_code)
     if cfg.lora:
+        model.name_or_path = model.config._name_or_path = portable_name(cfg.model)
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         if checkpoint is not None:
             from peft import set_peft_model_state_dict

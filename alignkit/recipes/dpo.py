@@ -479,7 +479,7 @@ def train(cfg: DPOConfig):
                 eval_result = evaluate(model, reference, eval_pairs, cfg, pad_id, accelerator)
                 if metrics:
                     metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
-            due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
+            due = (cfg.save_steps and step % cfg.save_steps == 0) or (cfg.save_last and step == total_steps)
             stopping = agree_on_stop(stop, accelerator)
             if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from alignkit.errors import RunError
+from alignkit.models.load import no_hub_lookup
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -63,7 +64,8 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir()
-        model.save_pretrained(staging / "model", state_dict=weights)
+        with no_hub_lookup():
+            model.save_pretrained(staging / "model", state_dict=weights)
         tokenizer.save_pretrained(staging / "model")
         if optimizer_state is not None:
             torch.save(optimizer_state, staging / "optimizer.pt")

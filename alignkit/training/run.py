@@ -20,6 +20,7 @@ from accelerate.state import AcceleratorState
 from alignkit.data.batches import batch_positions, tail_rows
 from alignkit.data.store import take
 from alignkit.errors import Interrupted, RunError, UserError
+from alignkit.models.load import no_hub_lookup
 from alignkit.training import kernel_caches, zero
 from alignkit.training.checkpoint import load_training_state, save_checkpoint
 from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
@@ -57,12 +58,14 @@ def load_inputs(cfg):
     """(model folder, tokenizer, chat template) for a training run, data paths checked first.
 
     The data paths are checked before the model is resolved, so a typo never waits for a model download. The
-    tokenizer keeps the template it is trained with, so final/ carries it."""
+    tokenizer keeps the template it is trained with, so final/ carries it; a built-in chosen for a model without
+    a template is recorded as `cfg.chat_template`, so config.yaml names it."""
     from transformers.utils import logging as hf_logging
 
     from alignkit.data.mixture import source_paths
     from alignkit.data.sources import require
-    from alignkit.data.templates import resolve_template
+    from alignkit.data.templates import choose_template
+    from alignkit.models.embedded import log
     from alignkit.models.load import load_tokenizer, resolve_model
 
     for path in source_paths(cfg.data) + cfg.eval_data:
@@ -70,7 +73,11 @@ def load_inputs(cfg):
     model_path = resolve_model(cfg.model)
     hf_logging.disable_progress_bar()  # our bar is the one to watch; weight loading and saving stay quiet
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    tokenizer.chat_template = resolve_template(tokenizer, cfg.chat_template)
+    choice = choose_template(tokenizer, cfg.chat_template)
+    if choice.name or choice.source != tokenizer.chat_template:  # the tokenizer's own, unchanged, goes unsaid
+        log(f"chat template: {choice.name} ({choice.reason})" if choice.name else f"chat template: {choice.reason}")
+    cfg.chat_template = choice.name
+    tokenizer.chat_template = choice.source
     return model_path, tokenizer, tokenizer.chat_template
 
 
@@ -148,7 +155,8 @@ def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
     if accelerator.is_main_process:
         try:
             shutil.rmtree(staging, ignore_errors=True)
-            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
+            with no_hub_lookup():
+                accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
             if final.exists():
                 shutil.rmtree(final)

@@ -1,0 +1,100 @@
+"""The families' own chat templates (tests/templates/, as each model ships it): the trained text of a
+conversation is exactly each assistant reply and its end-of-turn token, nothing of the system or user turns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignkit.data.formats import Example, Message
+from alignkit.data.templates import choose_template
+from alignkit.data.tokenize import IGNORE, tokenize_examples
+from tests import family_tokenizers as families
+
+TEMPLATES = Path(__file__).parent / "templates"
+SYSTEM = [("system", "Be brief.")]
+TWO_TURNS = [("user", "Hello"), ("assistant", "hello there"), ("user", "What is the capital of France?"),
+             ("assistant", "Paris.")]
+QWEN3_REASONING = "Because France's capital is Paris."
+
+PHI3_REASON = ("Phi-3's template writes eos only after the last message (else branch of add_generation_prompt), "
+               "so a turn's own rendering is not a prefix of the conversation's and the last turn's trained text "
+               "ends '<|end|>\\n<|endoftext|>'. Rule needed in alignkit/data/tokenize.py: a turn's text is the "
+               "common prefix of render(turns ≤ i) and render(turns ≤ i, add_generation_prompt=True), "
+               "whitespace-stripped")
+QWEN3_REASON = ("Qwen3's template drops the reasoning of turns before the last user message from the history, so "
+                "render(turns ≤ i) is not a prefix of the whole. Rule needed in alignkit/data/tokenize.py: such a "
+                "conversation is split into one row per trained turn, row i = render(turns ≤ i) trained on turn i "
+                "only, the context the model sees when it generates that turn")
+
+
+def rows_of(family: dict, template_file: str, conversation: list[tuple[str, str]]):
+    tokenizer = families.build(family)
+    tokenizer.chat_template = (TEMPLATES / template_file).read_text(encoding="utf-8")
+    template = choose_template(tokenizer, None).source
+    messages = [Message(role, text, train=role == "assistant") for role, text in conversation]
+    rows, _ = tokenize_examples(tokenizer, template, [Example("rows.jsonl:1", messages=messages)], 1024)
+    return tokenizer, rows
+
+
+def trained_runs(rows) -> list[list[int]]:
+    """The token ids of each run of consecutive trained tokens, over all rows."""
+    runs = []
+    for row in rows:
+        previous = False
+        for token, label in zip(row.input_ids, row.labels, strict=True):
+            trained = label != IGNORE
+            if trained and not previous:
+                runs.append([])
+            if trained:
+                runs[-1].append(token)
+            previous = trained
+    return runs
+
+
+CASES = [
+    pytest.param(families.QWEN, "qwen2.5.jinja", SYSTEM + TWO_TURNS, ["hello there<|im_end|>", "Paris.<|im_end|>"],
+                 id="qwen2.5"),
+    pytest.param(families.QWEN, "qwen2.5.jinja", TWO_TURNS, ["hello there<|im_end|>", "Paris.<|im_end|>"],
+                 id="qwen2.5-default-system"),
+    pytest.param(families.GEMMA, "gemma3.jinja", SYSTEM + TWO_TURNS, ["hello there<end_of_turn>",
+                                                                      "Paris.<end_of_turn>"], id="gemma3"),
+    pytest.param(families.LLAMA3, "llama3.1.jinja", SYSTEM + TWO_TURNS, ["hello there<|eot_id|>",
+                                                                         "Paris.<|eot_id|>"], id="llama3.1"),
+    pytest.param(families.MISTRAL, "mistral-v0.1.jinja", TWO_TURNS, ["hello there</s>", "Paris.</s>"],
+                 id="mistral"),
+    pytest.param(families.QWEN, "qwen3.jinja", SYSTEM + TWO_TURNS[:2],
+                 ["<think>\n\n</think>\n\nhello there<|im_end|>"], id="qwen3-one-turn"),
+    pytest.param(families.QWEN, "qwen3.jinja",
+                 SYSTEM + [("user", "Hello"), ("assistant", f"<think>\n{QWEN3_REASONING}\n</think>\n\nParis.")],
+                 [f"<think>\n{QWEN3_REASONING}\n</think>\n\nParis.<|im_end|>"], id="qwen3-one-turn-reasoning"),
+    pytest.param(families.QWEN, "qwen3.jinja", SYSTEM + TWO_TURNS,
+                 ["<think>\n\n</think>\n\nhello there<|im_end|>", "<think>\n\n</think>\n\nParis.<|im_end|>"],
+                 id="qwen3-two-turns", marks=pytest.mark.xfail(reason=QWEN3_REASON, strict=True)),
+    pytest.param(families.PHI3, "phi3.jinja", SYSTEM + TWO_TURNS[:2], ["hello there<|end|>"], id="phi3-one-turn",
+                 marks=pytest.mark.xfail(reason=PHI3_REASON, strict=True)),
+    pytest.param(families.PHI3, "phi3.jinja", SYSTEM + TWO_TURNS, ["hello there<|end|>", "Paris.<|end|>"],
+                 id="phi3-two-turns", marks=pytest.mark.xfail(reason=PHI3_REASON, strict=True)),
+]
+
+
+@pytest.mark.parametrize(("family", "template_file", "conversation", "expected"), CASES)
+def test_only_each_reply_and_its_end_of_turn_token_are_trained(family, template_file, conversation, expected):
+    tokenizer, rows = rows_of(family, template_file, conversation)
+    runs = trained_runs(rows)
+    assert [tokenizer.decode(r) for r in runs] == expected
+    end = tokenizer.convert_tokens_to_ids(expected[0][expected[0].rindex("<"):])
+    assert [r[-1] for r in runs] == [end] * len(expected)  # one token, not pieces of text
+    for row in rows:
+        if family["add_bos"]:  # bos once, first, as the model's tokenizer adds it
+            assert row.input_ids[0] == tokenizer.bos_token_id
+            assert row.input_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_qwen3_one_turn_renders_today_and_two_turns_are_refused():
+    """Today's behaviour for the Qwen3 case the xfail above describes: a clear one-line refusal, not a wrong mask."""
+    from alignkit.errors import UserError
+
+    with pytest.raises(UserError, match="renders a conversation differently from its own prefix"):
+        rows_of(families.QWEN, "qwen3.jinja", SYSTEM + TWO_TURNS)
