@@ -18,11 +18,6 @@ TWO_TURNS = [("user", "Hello"), ("assistant", "hello there"), ("user", "What is 
              ("assistant", "Paris.")]
 QWEN3_REASONING = "Because France's capital is Paris."
 
-PHI3_REASON = ("Phi-3's template writes eos only after the last message (else branch of add_generation_prompt), "
-               "so a turn's own rendering is not a prefix of the conversation's and the last turn's trained text "
-               "ends '<|end|>\\n<|endoftext|>'. Rule needed in alignkit/data/tokenize.py: a turn's text is the "
-               "common prefix of render(turns ≤ i) and render(turns ≤ i, add_generation_prompt=True), "
-               "whitespace-stripped")
 QWEN3_REASON = ("Qwen3's template drops the reasoning of turns before the last user message from the history, so "
                 "render(turns ≤ i) is not a prefix of the whole. Rule needed in alignkit/data/tokenize.py: such a "
                 "conversation is split into one row per trained turn, row i = render(turns ≤ i) trained on turn i "
@@ -72,10 +67,10 @@ CASES = [
     pytest.param(families.QWEN, "qwen3.jinja", SYSTEM + TWO_TURNS,
                  ["<think>\n\n</think>\n\nhello there<|im_end|>", "<think>\n\n</think>\n\nParis.<|im_end|>"],
                  id="qwen3-two-turns", marks=pytest.mark.xfail(reason=QWEN3_REASON, strict=True)),
-    pytest.param(families.PHI3, "phi3.jinja", SYSTEM + TWO_TURNS[:2], ["hello there<|end|>"], id="phi3-one-turn",
-                 marks=pytest.mark.xfail(reason=PHI3_REASON, strict=True)),
+    # Phi-3 writes eos only after the very last message: not part of any turn, so not trained
+    pytest.param(families.PHI3, "phi3.jinja", SYSTEM + TWO_TURNS[:2], ["hello there<|end|>"], id="phi3-one-turn"),
     pytest.param(families.PHI3, "phi3.jinja", SYSTEM + TWO_TURNS, ["hello there<|end|>", "Paris.<|end|>"],
-                 id="phi3-two-turns", marks=pytest.mark.xfail(reason=PHI3_REASON, strict=True)),
+                 id="phi3-two-turns"),
 ]
 
 

@@ -1,9 +1,11 @@
 """Conversations → token ids and labels, with the prompt/completion boundary found exactly.
 
 The whole conversation is rendered once and tokenised once. A trained span is the text an assistant turn adds
-to the conversation before it (ending with the end-of-turn token, trailing whitespace excluded); a token is
-trained when its characters overlap a trained span. A BPE token that merges the last prompt character with the
-first completion character is therefore trained: the model must predict it to produce the completion.
+to the conversation before it, as that turn renders when the conversation goes on after it: it ends with the
+end-of-turn token, and what a template writes only after the very last message (Phi-3's eos) and trailing
+whitespace are left out. A token is trained when its characters overlap a trained span, so a BPE token that
+merges the last prompt character with the first completion character is trained: the model must predict it to
+produce the completion.
 
 Truncation policy (`max_length`): a row longer than max_length keeps its first max_length tokens (the completion
 is cut from the end); a row with no trained token among them (its prompt alone fills max_length) is dropped.
@@ -78,12 +80,26 @@ def trained_spans(tokenizer, template: str, example: Example) -> tuple[str, list
         if not message.train:
             continue
         before = render(tokenizer, template, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, template, messages[: i + 1])
-        if not (through.startswith(before) and full.startswith(through)):
+        through = _turn_in_context(tokenizer, template, messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through) and len(through) > len(before)):
             raise UserError(f"{example.origin}: the chat template renders a conversation differently from its "
                             "own prefix, so turn boundaries cannot be found (try chat_template: chatml)")
         spans.append((len(before), len(through.rstrip())))
     return full, spans
+
+
+def _turn_in_context(tokenizer, template: str, messages: list[Message]) -> str:
+    """The conversation through its last message, as it renders with more conversation after it: the common
+    start of its rendering alone and with the generation prompt of a next turn."""
+    alone = render(tokenizer, template, messages)
+    followed = render(tokenizer, template, messages, add_generation_prompt=True)
+    same = next((k for k, (a, b) in enumerate(zip(alone, followed, strict=False)) if a != b), min(len(alone),
+                                                                                                  len(followed)))
+    for token in tokenizer.get_added_vocab():  # "<|endoftext|>" and "<|assistant|>" share "<|": not a turn's
+        at = alone.find(token, max(0, same - len(token) + 1), same + len(token))
+        if at != -1 and at < same:
+            same = at
+    return alone[:same]
 
 
 def check_prompt_lengths(stats: TokenizeStats, max_length: int, on_bad_row: str) -> None:
