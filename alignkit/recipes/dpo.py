@@ -51,6 +51,7 @@ from alignkit.training.run import (
     interrupt,
     load_inputs,
     make_accelerator,
+    release_run_folder,
     resume_state,
     save_final,
     save_step,
@@ -342,7 +343,7 @@ def train(cfg: DPOConfig):
     started = time.time()
     accelerator = make_accelerator(cfg.dtype, cfg.strategy)
     is_main = accelerator.is_main_process
-    out = check_output_dir(cfg, "dpo")
+    out = check_output_dir(cfg, "dpo", is_main)
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     set_seed(cfg.seed)
 
@@ -474,5 +475,6 @@ def train(cfg: DPOConfig):
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"done: {state['step']} steps, loss {summary['final_loss']}, accuracy "
             f"{summary.get('rewards/accuracies')}, {summary['pairs_per_s']} pairs/s; model in {final}")
+    release_run_folder(out)
     hf_logging.enable_progress_bar()
     return summary, accelerator.unwrap_model(model), tokenizer

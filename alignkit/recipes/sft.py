@@ -42,6 +42,7 @@ from alignkit.training.run import (
     interrupt,
     load_inputs,
     make_accelerator,
+    release_run_folder,
     resume_state,
     save_final,
     save_step,
@@ -185,7 +186,7 @@ def train(cfg: SFTConfig):
     started = time.time()
     accelerator = make_accelerator(cfg.dtype, cfg.strategy)
     is_main = accelerator.is_main_process
-    out = check_output_dir(cfg, "sft")
+    out = check_output_dir(cfg, "sft", is_main)
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log(f"no checkpoint in {out / 'checkpoints'}: starting from the beginning")
@@ -304,6 +305,7 @@ def train(cfg: SFTConfig):
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"done: {state['step']} steps, final loss {last_loss}, {summary['tokens_per_s']} tokens/s; "
             f"model in {final}")
+    release_run_folder(out)
     hf_logging.enable_progress_bar()
     return summary, accelerator.unwrap_model(model), tokenizer
 

@@ -20,7 +20,7 @@ import yaml
 from alignkit.config import to_dict
 from alignkit.errors import RunError
 from alignkit.models.embedded import log
-from alignkit.training.run import check_output_dir
+from alignkit.training.run import check_output_dir, release_run_folder
 
 
 def wants_relaunch(cfg) -> bool:
@@ -40,6 +40,7 @@ def relaunch(cfg, kind: str) -> dict:
     anything starts. Each process gets an equal share of this machine's cores unless OMP_NUM_THREADS is set
     (torch's launcher would otherwise give each process one thread)."""
     out = check_output_dir(cfg, kind)
+    release_run_folder(out)  # checked free; the main process of the launch takes the lock for the run's life
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.num_processes)))
     with tempfile.TemporaryDirectory(prefix="alignkit-launch-") as folder:
