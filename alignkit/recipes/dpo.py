@@ -36,7 +36,7 @@ from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, resolve_model
-from alignkit.training import checkpointing, compiling, sparse_lookup, zero
+from alignkit.training import checkpointing, compiling, sparse_lookup, threads, zero
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -442,6 +442,7 @@ def train(cfg: DPOConfig):
                     metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
             due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
             stopping = agree_on_stop(stop, accelerator)
+            threads.adjust()  # another run may have started or ended on this machine
             if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
                 save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)

@@ -27,7 +27,7 @@ from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy
-from alignkit.training import checkpointing, compiling, sparse_lookup, zero
+from alignkit.training import checkpointing, compiling, sparse_lookup, threads, zero
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -274,6 +274,7 @@ def train(cfg: SFTConfig):
                 progress.write(f"step {step}: eval loss {eval_result['eval/loss']:.4f}")
             due = cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps)
             stopping = agree_on_stop(stop, accelerator)
+            threads.adjust()  # another run may have started or ended on this machine
             if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
                 save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)

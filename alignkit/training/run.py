@@ -19,7 +19,7 @@ from accelerate.state import AcceleratorState
 
 from alignkit.data.batches import micro_batches, tail_rows
 from alignkit.errors import Interrupted, RunError, UserError
-from alignkit.training import kernel_caches, zero
+from alignkit.training import kernel_caches, threads, zero
 from alignkit.training.checkpoint import kept_state, load_training_state, save_checkpoint, write_failure
 from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
 
@@ -51,6 +51,7 @@ def make_accelerator(dtype: str, strategy: str = "auto") -> Accelerator:
     AcceleratorState._reset_state()
     accelerator = build_accelerator(mixed_precision(dtype), strategy, dtype)
     kernel_caches.bound()  # for the Python API; the command line sets it first thing
+    threads.register()
     return accelerator
 
 
