@@ -98,7 +98,9 @@ COMMANDS = {
                   "Serve a web page over --runs: every run's status (running, finished, resumable, failed), live "
                   "curves from metrics.jsonl, config, summary and plots, several runs on one chart, and a form "
                   "that checks an SFT or DPO config like the CLI and starts it (Stop sends SIGINT, which saves). "
-                  "No authentication: keep --host on loopback. See docs/tracking.md."),
+                  "Every request must name this server as its Host (a loopback name or the bound address), and every "
+                  "/api request must carry the token from the printed URL (--no-auth: none; loopback only). "
+                  "See docs/tracking.md."),
 }
 USAGE_HINT = "run 'alignkit COMMAND --help' for every field"
 

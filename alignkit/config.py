@@ -253,8 +253,10 @@ class PipelineConfig:
 class UIConfig:
     runs: str = _opt("runs", "folder whose run folders the dashboard lists, follows and launches into")
     port: int = _opt(7860, "port to listen on (0: any free port)")
-    host: str = _opt("127.0.0.1", "address to bind; any other than loopback lets the network see and start runs "
-                                  "without authentication (a warning is printed)")
+    host: str = _opt("127.0.0.1", "address to bind; any other than loopback lets the network reach the page, "
+                                  "guarded by the token alone over plain HTTP (a warning is printed)")
+    no_auth: bool = _opt(False, "serve without the per-start token (the URL printed at start carries it); "
+                                "refused unless --host is a loopback address")
 
 
 @dataclass

@@ -52,7 +52,7 @@ def site(tmp_path, browser):
     server = serve(root, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+    page.goto(server.url())  # with ?token=, which the page keeps and sends with every request
     yield page, root
     page.close()
     server.shutdown()
@@ -80,6 +80,21 @@ def test_the_run_list_shows_each_run_with_its_status(site):
     page.wait_for_selector('tr[data-run="dpo-b"]')
     assert status_of(page, "sft-a") == "finished" and status_of(page, "dpo-b") == "resumable"
     assert page.inner_text('tr[data-run="dpo-b"]').split() == ["dpo-b", "dpo", "resumable", "6", "/", "100"]
+
+
+def test_the_page_keeps_the_token_out_of_its_address_and_a_tab_without_it_is_told_why(site, browser):
+    page, _ = site
+    page.wait_for_selector('tr[data-run="dpo-b"]')
+    page.reload()  # the token is kept for the tab, not in the address bar
+    page.wait_for_selector('tr[data-run="dpo-b"]')
+    assert "token" not in page.url
+    stranger = browser.new_page()
+    try:
+        stranger.goto(page.url)  # the same address, but no token in this tab
+        stranger.wait_for_selector("#auth-error:has-text('token')")
+        assert stranger.query_selector('tr[data-run="dpo-b"]') is None
+    finally:
+        stranger.close()
 
 
 def test_a_chart_draws_the_fixture_run_and_two_runs_compare_on_one_chart(site):

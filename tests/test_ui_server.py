@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.errors import UserError
 from alignkit.ui import runs
-from alignkit.ui.server import bind_warning, serve
+from alignkit.ui.server import GET_ROUTES, POST_ROUTES, TOKEN_HEADER, bind_warning, serve
 from tests.conftest import write_jsonl
+
+TOKENS: dict[str, str] = {}  # base URL -> that server's token, which get() and post() send unless told otherwise
 
 SFT_ROWS = [{"step": s, "epoch": s / 4, "loss": 3.0 - 0.4 * s, "lr": 1e-3 * (1 - s / 5), "grad_norm": 1.5,
              "tokens_per_s": 100.0 + s} for s in range(1, 5)] + [{"step": 4, "epoch": 1.0, "eval/loss": 2.1,
@@ -61,13 +64,20 @@ def dashboard(tmp_path):
     server = serve(root, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    TOKENS[base] = server.token
+    yield base, root
     server.shutdown()
     server.server_close()
 
 
+def with_token(url: str, headers: dict | None) -> dict:
+    base = next((b for b in TOKENS if url.startswith(b + "/")), None)
+    return {**({TOKEN_HEADER: TOKENS[base]} if base and TOKENS[base] else {}), **(headers or {})}
+
+
 def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers=headers or {})
+    request = urllib.request.Request(url, headers=with_token(url, headers))
     try:
         with urllib.request.urlopen(request) as response:
             return response.status, response.read()
@@ -75,9 +85,11 @@ def get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def post(url: str, body: dict, content_type: str = "application/json", origin: str | None = None):
-    headers = {"Content-Type": content_type, **({"Origin": origin} if origin else {})}
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+def post(url: str, body: dict, content_type: str = "application/json", origin: str | None = None,
+         headers: dict | None = None):
+    headers = {"Content-Type": content_type, **({"Origin": origin} if origin else {}), **(headers or {})}
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=with_token(url, headers),
+                                     method="POST")
     try:
         with urllib.request.urlopen(request) as response:
             return response.status, json.loads(response.read())
@@ -200,9 +212,106 @@ def test_posts_must_be_json_from_the_same_origin(dashboard):
     assert post(f"{base}/api/stop", {"run": "sft-a"}, origin=base)[0] == 400  # same origin: answered
 
 
+def every_route(base: str) -> list[tuple[str, str]]:
+    """(method, url) for every route the server has, with arguments naming a real run where one is taken."""
+    query = {"/api/metrics": "?run=sft-a", "/api/run": "?run=sft-a", "/api/file": "?run=sft-a&path=config.yaml"}
+    return ([("GET", base + path + query.get(path, "")) for path in GET_ROUTES] +
+            [("POST", base + path) for path in POST_ROUTES])
+
+
+def call(method: str, url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    if method == "GET":
+        return get(url, headers)
+    body = {"method": "sft", "name": "from-elsewhere", "run": "dpo-b", "values": {"model": "m", "data": ["x"]}}
+    code, answer = post(url, body, headers=headers)
+    return code, json.dumps(answer).encode()
+
+
+def test_every_route_refuses_a_foreign_host_and_answers_loopback_names(dashboard):
+    base, root = dashboard
+    port = base.rsplit(":", 1)[1]
+    assert len(every_route(base)) == len(GET_ROUTES) + len(POST_ROUTES) == 11
+    for host in (f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", f"localhost:{int(port) + 1}", ""):
+        for method, url in every_route(base):
+            # a DNS-rebinding page sends its own name as Host, and as Origin when it sends one at all
+            for origin in ({}, {"Origin": f"http://{host}"}):
+                code, body = call(method, url, {"Host": host, **origin})
+                assert code == 403 and b"sft-a" not in body and b"final_loss" not in body, (host, url, origin)
+    assert not (root / "from-elsewhere").exists()
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+        code, body = get(f"{base}/api/runs", {"Host": host, "Origin": f"http://{host}"})
+        assert code == 200 and b"sft-a" in body, host
+
+
+def test_every_api_route_needs_the_token_and_the_page_does_not(dashboard):
+    base, root = dashboard
+    for method, url in every_route(base):
+        for token in ({TOKEN_HEADER: ""}, {TOKEN_HEADER: TOKENS[base][:-1]}, {TOKEN_HEADER: TOKENS[base] + "x"}):
+            code, body = call(method, url, token)
+            if "/api/" in url:
+                assert code == 401 and b"token" in body and b"sft-a" not in body, (url, token)
+            else:
+                assert code == 200 and b"<canvas" in body
+        assert call(method, url)[0] != 401, url
+    assert not (root / "from-elsewhere").exists()
+
+
+def test_each_server_has_its_own_token_in_the_url_it_prints(tmp_path):
+    first, second = serve(tmp_path, "127.0.0.1", 0), serve(tmp_path, "::1", 0)
+    try:
+        assert first.token != second.token and len(first.token) >= 32
+        assert first.url() == f"http://127.0.0.1:{first.server_address[1]}/?token={first.token}"
+        assert second.url() == f"http://[::1]:{second.server_address[1]}/?token={second.token}"
+    finally:
+        first.server_close()
+        second.server_close()
+
+
+def test_no_auth_serves_without_the_token_on_loopback_only(tmp_path, capsys):
+    from alignkit.cli import main
+
+    server = serve(tmp_path, "127.0.0.1", 0, auth=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert server.url() == base + "/" and get(f"{base}/api/runs")[0] == 200
+        assert get(f"{base}/api/runs", {"Host": "evil.example"})[0] == 403  # the Host check stays
+    finally:
+        server.shutdown()
+        server.server_close()
+    for host in ("0.0.0.0", "192.168.1.20", "::"):
+        with pytest.raises(UserError, match=f"--no-auth is refused with --host {host}"):
+            serve(tmp_path, host, 0, auth=False)
+    assert main(["ui", "--runs", str(tmp_path), "--host", "0.0.0.0", "--port", "0", "--no-auth"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("alignkit: error: --no-auth is refused")
+
+
+def test_the_dashboard_cannot_make_a_run_execute_code_or_write_elsewhere(dashboard, tmp_path, tiny_model_dir):
+    base, root = dashboard
+    data = str(write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b"}]))
+    form = {"method": "sft", "name": "bounded", "values": {"model": str(tiny_model_dir), "data": [data]}}
+    assert post(f"{base}/api/validate", form) == (200, {"ok": True})
+    cases = [({"values": {**form["values"], "trust_remote_code": True}}, "'trust_remote_code' cannot be set"),
+             ({"extra": "trust_remote_code: yes"}, "'trust_remote_code' cannot be set"),
+             ({"extra": "reward: os:system"}, "'reward: os:system' names Python code to import"),
+             ({"extra": "output_dir: /tmp/x"}, "'output_dir' is set by the dashboard"),
+             ({"extra": "output_dir: ../x"}, "'output_dir' is set by the dashboard"),
+             ({"name": "../x"}, "run name"), ({"name": "/tmp/x"}, "run name")]
+    for change, message in cases:
+        for endpoint in ("validate", "launch"):
+            code, body = post(f"{base}/api/{endpoint}", {**form, **change})
+            assert code == 400 and message in body["error"], (change, body)
+    assert sorted(p.name for p in root.iterdir()) == ["dpo-b", "sft-a"] and not (tmp_path / "x").exists()
+    (root / "dpo-b" / "config.yaml").write_text("model: m\ntrust_remote_code: true\n")  # written by a CLI run
+    code, body = post(f"{base}/api/resume", {"run": "dpo-b", "method": "dpo"})
+    assert code == 400 and "dpo-b/config.yaml: 'trust_remote_code' cannot be set" in body["error"]
+    assert not (root / "dpo-b" / "launch.json").exists()
+
+
 def test_a_non_loopback_host_gets_a_warning():
     assert bind_warning("127.0.0.1") is None and bind_warning("::1") is None and bind_warning("localhost") is None
-    assert "no authentication" in bind_warning("0.0.0.0") and "192.168.1.20" in bind_warning("192.168.1.20")
+    assert "learns the token" in bind_warning("0.0.0.0") and "192.168.1.20" in bind_warning("192.168.1.20")
 
 
 def test_a_bad_port_is_a_user_error(tmp_path, capsys):
@@ -219,7 +328,7 @@ def test_help_lists_the_ui_flags_with_their_defaults(capsys):
         main(["ui", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert done.value.code == 0
-    for flag, default in (("--runs", "runs"), ("--port", "7860"), ("--host", "127.0.0.1")):
+    for flag, default in (("--runs", "runs"), ("--port", "7860"), ("--host", "127.0.0.1"), ("--no-auth", "False")):
         assert flag in text and f"(default: {default})" in text, flag
 
 

@@ -38,7 +38,7 @@ from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
 from alignkit.models.embedded import cache_root, log
 from alignkit.models.load import build_policy, load_model, resolve_model
-from alignkit.training import checkpointing, compiling, sparse_lookup, zero
+from alignkit.training import checkpointing, compiling, sparse_lookup, threads, zero
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import pair_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -53,6 +53,7 @@ from alignkit.training.run import (
     interrupt,
     load_inputs,
     make_accelerator,
+    release_run_folder,
     resume_state,
     save_final,
     save_step,
@@ -379,7 +380,7 @@ def train(cfg: DPOConfig):
     started = time.time()
     accelerator = make_accelerator(cfg.dtype, cfg.strategy)
     is_main = accelerator.is_main_process
-    out = check_output_dir(cfg, "dpo")
+    out = check_output_dir(cfg, "dpo", is_main)
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     set_seed(cfg.seed)
 
@@ -481,6 +482,7 @@ def train(cfg: DPOConfig):
                     metrics.write({"step": step, "epoch": round(step / per_epoch, 4), **eval_result})
             due = (cfg.save_steps and step % cfg.save_steps == 0) or (cfg.save_last and step == total_steps)
             stopping = agree_on_stop(stop, accelerator)
+            threads.adjust()  # another run may have started or ended on this machine
             if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
                 save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)
@@ -514,5 +516,6 @@ def train(cfg: DPOConfig):
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"done: {state['step']} steps, loss {summary['final_loss']}, accuracy "
             f"{summary.get('rewards/accuracies')}, {summary['pairs_per_s']} pairs/s; model in {final}")
+    release_run_folder(out)
     hf_logging.enable_progress_bar()
     return summary, accelerator.unwrap_model(model), tokenizer

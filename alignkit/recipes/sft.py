@@ -29,7 +29,7 @@ from alignkit.errors import UserError
 from alignkit.losses import sft_loss
 from alignkit.models.embedded import log
 from alignkit.models.load import build_policy
-from alignkit.training import checkpointing, compiling, sparse_lookup, zero
+from alignkit.training import checkpointing, compiling, sparse_lookup, threads, zero
 from alignkit.training.checkpoint import latest_checkpoint
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal
@@ -44,6 +44,7 @@ from alignkit.training.run import (
     interrupt,
     load_inputs,
     make_accelerator,
+    release_run_folder,
     resume_state,
     save_final,
     save_step,
@@ -191,7 +192,7 @@ def train(cfg: SFTConfig):
     started = time.time()
     accelerator = make_accelerator(cfg.dtype, cfg.strategy)
     is_main = accelerator.is_main_process
-    out = check_output_dir(cfg, "sft")
+    out = check_output_dir(cfg, "sft", is_main)
     checkpoint = latest_checkpoint(out / "checkpoints") if cfg.resume else None
     if cfg.resume and checkpoint is None:
         log(f"no checkpoint in {out / 'checkpoints'}: starting from the beginning")
@@ -280,6 +281,7 @@ def train(cfg: SFTConfig):
                 progress.write(f"step {step}: eval loss {eval_result['eval/loss']:.4f}")
             due = (cfg.save_steps and step % cfg.save_steps == 0) or (cfg.save_last and step == total_steps)
             stopping = agree_on_stop(stop, accelerator)
+            threads.adjust()  # another run may have started or ended on this machine
             if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
                 state["train_seconds"] = time.time() - train_start
                 save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, accelerator)
@@ -312,6 +314,7 @@ def train(cfg: SFTConfig):
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         log(f"done: {state['step']} steps, final loss {last_loss}, {summary['tokens_per_s']} tokens/s; "
             f"model in {final}")
+    release_run_folder(out)
     hf_logging.enable_progress_bar()
     return summary, accelerator.unwrap_model(model), tokenizer
 

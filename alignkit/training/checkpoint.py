@@ -7,6 +7,7 @@ Optimizer and RNG states are loaded with `weights_only=True`: tensors and plain 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -20,6 +21,25 @@ from alignkit.errors import RunError
 from alignkit.models.load import no_hub_lookup
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+OS_ERROR = re.compile(r"os error (\d+)")
+NEARLY_FULL = 1 << 20  # bytes: less than this free where a write just failed means the disk filled up
+
+
+def write_failure(err: Exception, folder: Path) -> str | None:
+    """Why writing into `folder` failed, when the disk is the cause; None for anything else (a bug to show).
+
+    A full disk reaches us as an OSError from Python's own writes, but as a SafetensorError naming the os error
+    from safetensors and as a bare RuntimeError ("unexpected pos") from torch.save's zip writer; for the last,
+    the free space left is the evidence. Call it before freeing anything."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    if match := OS_ERROR.search(str(err)):
+        return os.strerror(int(match.group(1)))
+    try:
+        free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    except OSError:
+        return None
+    return os.strerror(errno.ENOSPC) if free < NEARLY_FULL else None
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -82,16 +102,24 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, optimizer, schedule
         pointer = root / ".latest.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, root / "latest")
-    except OSError as err:  # disk full, quota, permissions: the previous checkpoint was never touched
+    except Exception as err:  # disk full, quota, permissions: the previous checkpoint was never touched
+        reason = write_failure(err, root)
         shutil.rmtree(staging, ignore_errors=True)
         if engine_state is not None:
             shutil.rmtree(engine_state, ignore_errors=True)
-        kept = latest_checkpoint(root)
-        raise RunError(f"could not save checkpoint {final} ({err.strerror or err}); "
-                       f"{'the previous checkpoint ' + str(kept) + ' is intact' if kept else 'no checkpoint is kept'}"
-                       ) from None
+        if reason is None:
+            raise
+        raise RunError(f"could not save checkpoint {final} ({reason}); {kept_state(root)}") from None
     _rotate(root, keep)
     return final
+
+
+def kept_state(root: Path) -> str:
+    """What a failed save leaves to continue from, and how."""
+    kept = latest_checkpoint(root)
+    if kept is None:
+        return "no checkpoint is kept"
+    return f"the previous checkpoint {kept} is intact: free some space and run the same command with --resume"
 
 
 def _rotate(root: Path, keep: int) -> None:

@@ -20,7 +20,8 @@ import yaml
 from alignkit.config import to_dict
 from alignkit.errors import RunError
 from alignkit.models.embedded import log
-from alignkit.training.run import check_output_dir
+from alignkit.training import threads
+from alignkit.training.run import check_output_dir, release_run_folder
 
 
 def wants_relaunch(cfg) -> bool:
@@ -38,10 +39,12 @@ def relaunch(cfg, kind: str) -> dict:
 
     The output folder is fixed here (a default one is named once, not once per process) and checked before
     anything starts. Each process gets an equal share of this machine's cores unless OMP_NUM_THREADS is set
-    (torch's launcher would otherwise give each process one thread)."""
+    (torch's launcher would otherwise give each process one thread); see training/threads.py."""
     out = check_output_dir(cfg, kind)
+    release_run_folder(out)  # checked free; the main process of the launch takes the lock for the run's life
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.num_processes)))
+    if "OMP_NUM_THREADS" not in env:  # the processes refine it by the runs alive (training/threads.py)
+        env.update(OMP_NUM_THREADS=str(max(1, threads.cores() // cfg.num_processes)), **{threads.OURS: "1"})
     with tempfile.TemporaryDirectory(prefix="alignkit-launch-") as folder:
         config_path = Path(folder) / "config.yaml"
         values = to_dict(dataclasses.replace(cfg, output_dir=str(out)))

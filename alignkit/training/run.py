@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -21,13 +22,15 @@ from alignkit.data.batches import batch_positions, tail_rows
 from alignkit.data.store import take
 from alignkit.errors import Interrupted, RunError, UserError
 from alignkit.models.load import no_hub_lookup
-from alignkit.training import kernel_caches, zero
-from alignkit.training.checkpoint import load_training_state, save_checkpoint
+from alignkit.training import kernel_caches, threads, zero
+from alignkit.training.checkpoint import kept_state, load_training_state, save_checkpoint, write_failure
 from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints", "tensorboard", "wandb",
              "mlruns", "tracking.json")
 PID_FILE = "run.pid"
+LOCK_FILE = "run.lock"
+_HELD: dict[Path, int] = {}  # run folder -> the open lock file whose flock this process holds
 
 
 def mixed_precision(dtype: str) -> str:
@@ -51,6 +54,7 @@ def make_accelerator(dtype: str, strategy: str = "auto") -> Accelerator:
     AcceleratorState._reset_state()
     accelerator = build_accelerator(mixed_precision(dtype), strategy, dtype)
     kernel_caches.bound()  # for the Python API; the command line sets it first thing
+    threads.register()
     return accelerator
 
 
@@ -81,11 +85,14 @@ def load_inputs(cfg):
     return model_path, tokenizer, tokenizer.chat_template
 
 
-def check_output_dir(cfg, kind: str) -> Path:
-    """The run folder, checked but not touched: nothing is written or deleted before the inputs are checked."""
+def check_output_dir(cfg, kind: str, is_main: bool = True) -> Path:
+    """The run folder, checked and, when it exists, locked by the main process; nothing else is written or
+    deleted before the inputs are checked."""
     out = Path(cfg.output_dir or f"runs/{kind}-{datetime.now():%Y%m%d-%H%M%S}")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output_dir is a file, not a folder")
+    if is_main and out.is_dir():
+        lock_run_folder(out)  # before the "already holds a run" check, which a live run would also trip
     holds_run = any((out / name).exists() for name in RUN_FILES)
     if holds_run and not (cfg.resume or cfg.overwrite):
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -96,12 +103,42 @@ def claim_output_dir(cfg, out: Path, is_main: bool) -> None:
     """Called once data, model and config have passed every check: clear an old run (--overwrite), create."""
     if not is_main:
         return
+    out.mkdir(parents=True, exist_ok=True)
+    lock_run_folder(out)  # a folder made since the check: two runs that both found it missing meet here
     if cfg.overwrite and not cfg.resume:
         for name in RUN_FILES:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / PID_FILE).write_text(str(os.getpid()))  # `alignkit ui` tells a running run from a dead one by it
+
+
+def lock_run_folder(out: Path) -> None:
+    """Hold an exclusive flock on RUN/run.lock until `release_run_folder` or the process ends.
+
+    The kernel drops a flock when its holder dies, however it dies, so the lock of a killed run is never stale
+    and --resume of a dead run takes it at once. A run that finds it held stops with the holder's pid."""
+    key = out.resolve()
+    if key in _HELD:
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"{out}: another run (pid {holder}) is using this output_dir; wait for it to end or "
+                        "pick another --output-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[key] = fd
+
+
+def release_run_folder(out: Path) -> None:
+    """Let another run use the folder (a finished run in a process that goes on: the Python API, pipelines)."""
+    fd = _HELD.pop(out.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def split_eval(rows: Sequence, fraction: float, seed: int) -> tuple[Sequence, Sequence]:
@@ -161,9 +198,12 @@ def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
-        except OSError as err:
+        except Exception as err:
+            reason = write_failure(err, out)
             shutil.rmtree(staging, ignore_errors=True)
-            raise RunError(f"could not save {final} ({err.strerror or err}); checkpoints are intact") from None
+            if reason is None:
+                raise
+            raise RunError(f"could not save {final} ({reason}); {kept_state(out / 'checkpoints')}") from None
     accelerator.wait_for_everyone()
     return final
 

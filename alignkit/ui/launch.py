@@ -4,6 +4,10 @@ A launch writes RUN/launch.yaml (the resolved config) and RUN/launch.json (pid, 
 and starts `python -m alignkit sft|dpo --config RUN/launch.yaml --output-dir RUN` in its own session with its
 output in RUN/launch.log, so closing the dashboard leaves the run going. Stop sends SIGINT: the recipe finishes
 its step, saves a checkpoint and exits with 130 (the run is then resumable).
+
+What the page may ask for is bounded, for launches and resumes alike: no `trust_remote_code` (it runs Python
+shipped in a model folder), no reward given as `module:function` (it imports and calls any module), and the
+run writes only into RUNS/NAME. Such runs are started from the command line, where the user types them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from alignkit.ui.runs import inside
 METHODS = {"sft": SFTConfig, "dpo": DPOConfig}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 SET_BY_DASHBOARD = ("output_dir", "resume", "overwrite")
+CODE_REFERENCE = re.compile(r"^\s*[A-Za-z_][\w.]*:[A-Za-z_]\w*\s*$")
+FALSE = ("false", "no", "off", "0", "none", "")
 
 
 def form_fields() -> dict:
@@ -58,7 +64,19 @@ def form_values(form: dict) -> dict:
     for name in SET_BY_DASHBOARD:
         if name in values:
             raise UserError(f"form: '{name}' is set by the dashboard (runs go to RUNS/NAME and start fresh)")
+    refuse_code(values, "form")
     return values
+
+
+def refuse_code(values: dict, source: str) -> None:
+    """UserError for the settings that would let the page run code of its choosing (see the module's note)."""
+    if str(values.get("trust_remote_code", False)).strip().lower() not in FALSE:
+        raise UserError(f"{source}: 'trust_remote_code' cannot be set from the dashboard (it runs code from the "
+                        "model folder); start such a run from the command line")
+    for name, value in values.items():
+        if "reward" in name and isinstance(value, str) and CODE_REFERENCE.match(value):
+            raise UserError(f"{source}: '{name}: {value.strip()}' names Python code to import; the dashboard does "
+                            "not run reward functions given as module:function")
 
 
 class Launcher:
@@ -79,6 +97,8 @@ class Launcher:
         if folder.exists() and any(folder.iterdir()):
             raise UserError(f"form: {name} already exists under the runs folder; pick another name")
         config = build_config(METHODS[method], {**form_values(form), "output_dir": str(folder)}, "form")
+        if Path(config.output_dir).resolve() != folder or folder.parent != self.root:
+            raise UserError(f"form: the run must write into {self.root}/NAME")
         from alignkit.data.sources import require
 
         for path in config.data + config.eval_data:
@@ -100,6 +120,8 @@ class Launcher:
             raise UserError(f"{name}: no config.yaml to resume from")
         if not (folder / "checkpoints" / "latest").is_file():
             raise UserError(f"{name}: no checkpoint to resume from")
+        saved = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        refuse_code(saved if isinstance(saved, dict) else {}, f"{name}/config.yaml")
         self._start(name, method, folder, ["--config", str(folder / "config.yaml"), "--resume"])
 
     def _start(self, name: str, method: str, folder: Path, args: list[str]) -> None:
