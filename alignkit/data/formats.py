@@ -109,12 +109,18 @@ def _message_list(row: Row, name: str, value: Any, role_key: str = "role", conte
         if not isinstance(item, dict):
             raise UserError(f"{where} must be an object with '{role_key}' and '{content_key}'")
         role, content = item.get(role_key), item.get(content_key)
-        if role not in roles:
-            raise UserError(f"{where}: unknown role {role!r} (use {', '.join(roles)})")
+        if not isinstance(role, str) or role not in roles:
+            raise UserError(f"{where}: unknown role {_short(role)} (use {', '.join(roles)})")
         if not isinstance(content, str):
             raise UserError(f"{where}: '{content_key}' must be text, got {type(content).__name__}")
         messages.append(Message(roles[role], content))
     return messages
+
+
+def _short(value: Any) -> str:
+    """A value as shown in an error: its repr, cut to stay one short line."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _prompt_completion(row: Row) -> Example:

@@ -22,6 +22,7 @@ from alignkit.errors import UserError
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
 JSON_BLOCK = 1 << 22  # characters of a .json array decoded at a time
 PARQUET_BATCH = 1024
+TOO_DEEP = "malformed JSON (values nested too deeply to read)"
 
 
 @dataclass
@@ -98,6 +99,8 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: {TOO_DEEP}") from None
         yield _as_row(value, f"{path}:{number}")
 
 
@@ -154,7 +157,7 @@ def _read_json(path: Path) -> Iterator[Row]:
         first = next(line for _, line in _lines(path) if line.strip())
         try:
             value = json.loads(first)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             value = None  # an object over several lines: a wrapped list, or not a data file
         if value is not None:
             if _non_blank_lines(path, stop_after=2) > 1:
@@ -175,6 +178,8 @@ def _read_json(path: Path) -> Iterator[Row]:
                 value = json.loads(_decode(path, path.read_bytes(), 1).lstrip("\ufeff"))
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise UserError(f"{path}: {TOO_DEEP}") from None
             yield from _rows_of(path, value)
     finally:
         source.close()
@@ -227,6 +232,8 @@ def _json_list(source: _JsonText, at: int, wrapped: bool = False) -> Iterator[Ro
             if source.more():
                 continue
             raise UserError(f"{path}:{source.line_of(err.pos)}: malformed JSON ({err.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{source.line_of(at)}: {TOO_DEEP}") from None
         if end == len(source.text) and source.more():
             continue  # a number or literal cut at the block's end may go on
         index += 1
@@ -235,6 +242,7 @@ def _json_list(source: _JsonText, at: int, wrapped: bool = False) -> Iterator[Ro
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
+    csv.field_size_limit(1 << 30)  # the module's default, 128 KiB a field, is shorter than many a reply
     with path.open(encoding="utf-8-sig", newline="") as file:
         reader = csv.DictReader(file)
         start = 2  # the header is line 1
