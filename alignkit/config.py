@@ -183,6 +183,9 @@ class ExportConfig:
     merge: bool = _opt(True, "merge a LoRA adapter into its base model (checked: the merged logits equal the "
                              "adapter model's)")
     dtype: str = _opt("fp32", "weights dtype of the export: fp32 or bf16", choices=["fp32", "bf16"])
+    format: str = _opt("hf", "hf: a Hugging Face folder; gguf: one GGUF file (llama.cpp, ollama) and a Modelfile "
+                             "(llama, qwen2, gemma3)", choices=["hf", "gguf"])
+    quant: str = _opt("f16", "with --format gguf: f16 or q8_0 weights (vectors stay f32)", choices=["f16", "q8_0"])
 
 
 @dataclass
