@@ -179,12 +179,13 @@ class GenerateConfig:
 class ExportConfig:
     model: str | None = _opt(None, "what to export: a run's final/ (full or LoRA) or a checkpoint's model/",
                              positional=True)
-    output: str | None = _opt(None, "folder to write: safetensors, tokenizer, chat template, generation config")
+    output: str | None = _opt(None, "folder to write: safetensors, tokenizer, chat template, generation config "
+                                            "(gguf: model-QUANT.gguf and Modelfile)")
     merge: bool = _opt(True, "merge a LoRA adapter into its base model (checked: the merged logits equal the "
                              "adapter model's)")
     dtype: str = _opt("fp32", "weights dtype of the export: fp32 or bf16", choices=["fp32", "bf16"])
     format: str = _opt("hf", "hf: a Hugging Face folder; gguf: one GGUF file (llama.cpp, ollama) and a Modelfile "
-                             "(llama, qwen2, gemma3)", choices=["hf", "gguf"])
+                             "(llama, qwen2, gemma3; a LoRA adapter is always merged)", choices=["hf", "gguf"])
     quant: str = _opt("f16", "with --format gguf: f16 or q8_0 weights (vectors stay f32)", choices=["f16", "q8_0"])
 
 
