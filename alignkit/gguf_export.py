@@ -87,7 +87,7 @@ def byte_level_pre(spec: dict) -> str:
 
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     parts = pre.get("pretokenizers", [])
     if [p.get("type") for p in parts] == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
@@ -95,7 +95,7 @@ def byte_level_pre(spec: dict) -> str:
     for name in ("qwen2", "llama-bpe"):
         if regex == GGUF_PRE_TOKENIZER_SPLITS[name]:
             return name
-    raise UserError("GGUF export: the tokenizer's pre-tokenizer is not one llama.cpp knows (gpt2, smollm, qwen2, "
+    raise UserError("GGUF export: the tokenizer's pre-tokenizer is not one llama.cpp knows (gpt-2, smollm, qwen2, "
                     "llama-bpe)")
 
 
