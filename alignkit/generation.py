@@ -43,6 +43,10 @@ def sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": False}
 
 
+def stopping(tokenizer, stop_strings: list[str] | None) -> dict:
+    return {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+
+
 @torch.no_grad()
 def stream(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float) -> str:
     """One reply to a conversation, printed token by token as it is generated; returns its text."""
@@ -59,8 +63,11 @@ def stream(model, tokenizer, messages: list[dict], max_new_tokens: int, temperat
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
              top_p: float = 1.0, batch_size: int = 16, seed: int = 0, autocast: bool = False,
-             desc: str = "generating", show_progress: bool = True) -> list[list[Sample]]:
-    """n samples per prompt (greedy when temperature is 0). Prompts are left-padded and batched."""
+             desc: str = "generating", show_progress: bool = True, chat: bool = True,
+             stop_strings: list[str] | None = None) -> list[list[Sample]]:
+    """n samples per prompt (greedy when temperature is 0). Prompts are left-padded and batched; `chat`: with
+    the chat template, else the prompt text as it is; a sample also ends at any of `stop_strings` (which its
+    text still holds)."""
     torch.manual_seed(seed)
     model.eval()
     device = next(model.parameters()).device
@@ -71,12 +78,13 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
     precision = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [render_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+            texts = [render_prompt(tokenizer, p) if chat else p for p in prompts[start:start + batch_size]]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             with precision:
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=n,
                                         eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                                        **sampling(temperature, top_p), **({"top_k": 0} if temperature > 0 else {}))
+                                        **sampling(temperature, top_p), **({"top_k": 0} if temperature > 0 else {}),
+                                        **stopping(tokenizer, stop_strings))
             width = inputs["input_ids"].shape[1]
             for row, sequence in enumerate(output):
                 prompt_row = row // n

