@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from alignkit.data.formats import Example, Message
+from alignkit.data.prefs import tokenize_preferences
+from alignkit.data.sources import Row
 from alignkit.data.templates import choose_template
 from alignkit.data.tokenize import IGNORE, tokenize_examples
 from tests import family_tokenizers as families
@@ -17,12 +19,6 @@ SYSTEM = [("system", "Be brief.")]
 TWO_TURNS = [("user", "Hello"), ("assistant", "hello there"), ("user", "What is the capital of France?"),
              ("assistant", "Paris.")]
 QWEN3_REASONING = "Because France's capital is Paris."
-
-QWEN3_REASON = ("Qwen3's template drops the reasoning of turns before the last user message from the history, so "
-                "render(turns ≤ i) is not a prefix of the whole. Rule needed in alignkit/data/tokenize.py: such a "
-                "conversation is split into one row per trained turn, row i = render(turns ≤ i) trained on turn i "
-                "only, the context the model sees when it generates that turn")
-
 
 def rows_of(family: dict, template_file: str, conversation: list[tuple[str, str]]):
     tokenizer = families.build(family)
@@ -66,7 +62,7 @@ CASES = [
                  [f"<think>\n{QWEN3_REASONING}\n</think>\n\nParis.<|im_end|>"], id="qwen3-one-turn-reasoning"),
     pytest.param(families.QWEN, "qwen3.jinja", SYSTEM + TWO_TURNS,
                  ["<think>\n\n</think>\n\nhello there<|im_end|>", "<think>\n\n</think>\n\nParis.<|im_end|>"],
-                 id="qwen3-two-turns", marks=pytest.mark.xfail(reason=QWEN3_REASON, strict=True)),
+                 id="qwen3-two-turns"),
     # Phi-3 writes eos only after the very last message: not part of any turn, so not trained
     pytest.param(families.PHI3, "phi3.jinja", SYSTEM + TWO_TURNS[:2], ["hello there<|end|>"], id="phi3-one-turn"),
     pytest.param(families.PHI3, "phi3.jinja", SYSTEM + TWO_TURNS, ["hello there<|end|>", "Paris.<|end|>"],
@@ -87,9 +83,23 @@ def test_only_each_reply_and_its_end_of_turn_token_are_trained(family, template_
             assert row.input_ids.count(tokenizer.bos_token_id) == 1
 
 
-def test_qwen3_one_turn_renders_today_and_two_turns_are_refused():
-    """Today's behaviour for the Qwen3 case the xfail above describes: a clear one-line refusal, not a wrong mask."""
-    from alignkit.errors import UserError
+def test_qwen3_multi_turn_conversations_become_one_row_per_turn_in_the_context_it_was_written_in():
+    """Qwen3 renders earlier replies without their reasoning once a later user turn follows, so each trained turn
+    becomes its own row: the conversation through that turn, only that turn trained."""
+    tokenizer, rows = rows_of(families.QWEN, "qwen3.jinja", SYSTEM + TWO_TURNS)
+    first, second = (tokenizer.decode(r.input_ids) for r in rows)
+    assert len(rows) == 2 and first.endswith("<think>\n\n</think>\n\nhello there<|im_end|>\n")
+    assert "What is the capital" not in first
+    assert "<|im_start|>assistant\nhello there<|im_end|>" in second  # as the history renders it: no think block
+    assert [len(runs) for runs in (trained_runs([r]) for r in rows)] == [1, 1]
+    pairs, _ = tokenize_preferences(*_qwen3_pair())  # the earlier reply is prompt: a pair needs no split
+    assert [tokenizer.decode(run) for p in pairs for run in trained_runs([p.chosen, p.rejected])] == [
+        "<think>\n\n</think>\n\nParis.<|im_end|>", "<think>\n\n</think>\n\nRome.<|im_end|>"]
 
-    with pytest.raises(UserError, match="renders a conversation differently from its own prefix"):
-        rows_of(families.QWEN, "qwen3.jinja", SYSTEM + TWO_TURNS)
+
+def _qwen3_pair():
+    tokenizer = families.build(families.QWEN)
+    tokenizer.chat_template = (TEMPLATES / "qwen3.jinja").read_text(encoding="utf-8")
+    turns = [{"role": r, "content": c} for r, c in TWO_TURNS]
+    row = Row({"chosen": turns, "rejected": turns[:3] + [{"role": "assistant", "content": "Rome."}]}, "p.jsonl:1")
+    return tokenizer, choose_template(tokenizer, None).source, [row], 1024

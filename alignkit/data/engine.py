@@ -97,11 +97,12 @@ def _encode_sft(job: Job, rows: list) -> Chunk:
         encoded = encode_examples(job.tokenizer, job.template, examples, job.max_length)
     except UserError as err:
         return Chunk(error=str(err))
-    for example, sequence in zip(examples, encoded, strict=True):
+    for example, parts in zip(examples, encoded, strict=True):
         count_repairs(stats, example)
-        count_encoded(stats, example.origin, sequence)
-        if sequence is not None:
-            chunk.rows.append(([_compact(sequence)], example.origin))
+        for sequence in parts:
+            count_encoded(stats, example.origin, sequence)
+            if sequence is not None:
+                chunk.rows.append(([_compact(sequence)], example.origin))
     chunk.stats = dataclasses.asdict(stats)
     return chunk
 
@@ -124,10 +125,10 @@ def _encode_pairs(job: Job, rows: list) -> Chunk:
     try:
         chosen, rejected = (encode_examples(job.tokenizer, job.template,
                                             [as_example(p.origin, p.prompt, getattr(p, side)) for p in pairs],
-                                            job.max_length) for side in ("chosen", "rejected"))
+                                            job.max_length, split=False) for side in ("chosen", "rejected"))
     except UserError as err:
         return Chunk(error=str(err))
-    for pair, c, r in zip(pairs, chosen, rejected, strict=True):
+    for pair, (c,), (r,) in zip(pairs, chosen, rejected, strict=True):
         if c is None or r is None:
             stats.dropped += 1
             if len(stats.dropped_origins) < KEEP:

@@ -82,10 +82,30 @@ def trained_spans(tokenizer, template: str, example: Example) -> tuple[str, list
         before = render(tokenizer, template, messages[:i], add_generation_prompt=True)
         through = _turn_in_context(tokenizer, template, messages[: i + 1])
         if not (through.startswith(before) and full.startswith(through) and len(through) > len(before)):
-            raise UserError(f"{example.origin}: the chat template renders a conversation differently from its "
-                            "own prefix, so turn boundaries cannot be found (try chat_template: chatml)")
+            raise NotAPrefix(f"{example.origin}: the chat template renders a conversation differently from its "
+                             "own prefix, so turn boundaries cannot be found (try chat_template: chatml)")
         spans.append((len(before), len(through.rstrip())))
     return full, spans
+
+
+class NotAPrefix(UserError):
+    """A turn renders differently once later turns follow it."""
+
+
+def renderings(tokenizer, template: str, example: Example, split: bool = True) -> list[tuple[str, list]]:
+    """The example's rendered text and trained spans; with `split`, one per trained turn where the template
+    renders earlier turns differently once later turns follow (Qwen3 drops their reasoning from the history):
+    each turn is then trained in the context the model has when it writes it, the conversation through it."""
+    try:
+        return [trained_spans(tokenizer, template, example)]
+    except NotAPrefix:
+        messages = example.messages
+        assert messages is not None
+        turns = [i for i, m in enumerate(messages) if m.train]
+        if not split or len(turns) < 2:
+            raise
+        return [trained_spans(tokenizer, template, Example(example.origin, messages=[
+            Message(m.role, m.content, train=k == i) for k, m in enumerate(messages[:i + 1])])) for i in turns]
 
 
 def _turn_in_context(tokenizer, template: str, messages: list[Message]) -> str:
@@ -132,31 +152,34 @@ class Encoded:
     truncated: bool
 
 
-def encode_examples(tokenizer, template: str, examples: list[Example], max_length: int) -> list[Encoded | None]:
-    """Each example's tokens, or None when its prompt alone fills max_length (nothing left to train).
+def encode_examples(tokenizer, template: str, examples: list[Example], max_length: int, split: bool = True
+                    ) -> list[list[Encoded | None]]:
+    """Each example's rows (one, or one per trained turn: see `renderings`), each row its tokens or None when
+    its prompt alone fills max_length (nothing left to train).
 
     The fast tokenizer encodes a batch of rendered texts at once and each encoding is cut to max_length before
     its ids and offsets become Python objects, so the tokens past max_length never leave the tokenizer."""
     if not tokenizer.is_fast:
         raise UserError("alignkit needs a fast (Rust) tokenizer to locate completion tokens exactly")
-    texts, spans_per_row = [], []
-    for example in examples:
+    texts, spans_per_row, owners = [], [], []
+    for number, example in enumerate(examples):
         if example.text is not None:
-            texts.append(example.text + (tokenizer.eos_token or ""))
-            spans_per_row.append(None)  # language modelling: every token is trained
+            parts = [(example.text + (tokenizer.eos_token or ""), None)]  # language modelling: all trained
         else:
-            text, spans = trained_spans(tokenizer, template, example)
+            parts = renderings(tokenizer, template, example, split)
+        for text, spans in parts:
             texts.append(text)
             spans_per_row.append(spans)
-    encoded = []
-    for encoding, spans in zip(tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False),
-                               spans_per_row, strict=True):
+            owners.append(number)
+    encoded: list[list[Encoded | None]] = [[] for _ in examples]
+    for encoding, spans, owner in zip(tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False),
+                                      spans_per_row, owners, strict=True):
         truncated = len(encoding) > max_length
         if truncated:
             encoding.truncate(max_length)
         ids = np.asarray(encoding.ids, dtype=np.int64)
         trained = np.ones(len(ids), dtype=bool) if spans is None else _trained_mask(encoding.offsets, spans)
-        encoded.append(None if truncated and not trained.any() else Encoded(ids, trained, truncated))
+        encoded[owner].append(None if truncated and not trained.any() else Encoded(ids, trained, truncated))
     return encoded
 
 
@@ -203,8 +226,10 @@ def tokenize_examples(tokenizer, template: str, examples: list[Example], max_len
     """The examples as rows of Python lists (for small sets: evaluation, tests); see `encode_examples`."""
     stats = TokenizeStats()
     rows = []
-    for example, encoded in zip(examples, encode_examples(tokenizer, template, examples, max_length), strict=True):
-        count_encoded(stats, example.origin, encoded)
-        if encoded is not None:
-            rows.append(TokenizedRow(encoded.ids.tolist(), labels_of(encoded.ids, encoded.trained), example.origin))
+    for example, parts in zip(examples, encode_examples(tokenizer, template, examples, max_length), strict=True):
+        for encoded in parts:
+            count_encoded(stats, example.origin, encoded)
+            if encoded is not None:
+                rows.append(TokenizedRow(encoded.ids.tolist(), labels_of(encoded.ids, encoded.trained),
+                                         example.origin))
     return rows, stats
