@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from alignkit.data.tokenize import IGNORE
 from tests.conftest import CORPUS
 
 GEMMA = {"specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], "bos": "<bos>",
@@ -38,3 +39,18 @@ def build(family: dict, vocab_size: int = 400):
                                         pad_token=family["pad"])
     tokenizer.chat_template = None
     return tokenizer
+
+
+def trained_runs(rows) -> list[list[int]]:
+    """The token ids of each run of consecutive trained tokens, over all rows."""
+    runs = []
+    for row in rows:
+        previous = False
+        for token, label in zip(row.input_ids, row.labels, strict=True):
+            trained = label != IGNORE
+            if trained and not previous:
+                runs.append([])
+            if trained:
+                runs[-1].append(token)
+            previous = trained
+    return runs

@@ -11,7 +11,7 @@ from alignkit.data.formats import Example, Message
 from alignkit.data.prefs import tokenize_preferences
 from alignkit.data.sources import Row
 from alignkit.data.templates import choose_template
-from alignkit.data.tokenize import IGNORE, tokenize_examples
+from alignkit.data.tokenize import tokenize_examples
 from tests import family_tokenizers as families
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -27,21 +27,6 @@ def rows_of(family: dict, template_file: str, conversation: list[tuple[str, str]
     messages = [Message(role, text, train=role == "assistant") for role, text in conversation]
     rows, _ = tokenize_examples(tokenizer, template, [Example("rows.jsonl:1", messages=messages)], 1024)
     return tokenizer, rows
-
-
-def trained_runs(rows) -> list[list[int]]:
-    """The token ids of each run of consecutive trained tokens, over all rows."""
-    runs = []
-    for row in rows:
-        previous = False
-        for token, label in zip(row.input_ids, row.labels, strict=True):
-            trained = label != IGNORE
-            if trained and not previous:
-                runs.append([])
-            if trained:
-                runs[-1].append(token)
-            previous = trained
-    return runs
 
 
 CASES = [
@@ -73,7 +58,7 @@ CASES = [
 @pytest.mark.parametrize(("family", "template_file", "conversation", "expected"), CASES)
 def test_only_each_reply_and_its_end_of_turn_token_are_trained(family, template_file, conversation, expected):
     tokenizer, rows = rows_of(family, template_file, conversation)
-    runs = trained_runs(rows)
+    runs = families.trained_runs(rows)
     assert [tokenizer.decode(r) for r in runs] == expected
     end = tokenizer.convert_tokens_to_ids(expected[0][expected[0].rindex("<"):])
     assert [r[-1] for r in runs] == [end] * len(expected)  # one token, not pieces of text
@@ -91,9 +76,9 @@ def test_qwen3_multi_turn_conversations_become_one_row_per_turn_in_the_context_i
     assert len(rows) == 2 and first.endswith("<think>\n\n</think>\n\nhello there<|im_end|>\n")
     assert "What is the capital" not in first
     assert "<|im_start|>assistant\nhello there<|im_end|>" in second  # as the history renders it: no think block
-    assert [len(runs) for runs in (trained_runs([r]) for r in rows)] == [1, 1]
+    assert [len(runs) for runs in (families.trained_runs([r]) for r in rows)] == [1, 1]
     pairs, _ = tokenize_preferences(*_qwen3_pair())  # the earlier reply is prompt: a pair needs no split
-    assert [tokenizer.decode(run) for p in pairs for run in trained_runs([p.chosen, p.rejected])] == [
+    assert [tokenizer.decode(run) for p in pairs for run in families.trained_runs([p.chosen, p.rejected])] == [
         "<think>\n\n</think>\n\nParis.<|im_end|>", "<think>\n\n</think>\n\nRome.<|im_end|>"]
 
 

@@ -7,7 +7,7 @@ import yaml
 
 from alignkit.data.formats import Example, Message
 from alignkit.data.templates import built_in, choose_template, end_of_turn_ids
-from alignkit.data.tokenize import IGNORE, tokenize_examples
+from alignkit.data.tokenize import tokenize_examples
 from tests import family_tokenizers as families
 from tests.conftest import build_model, write_jsonl
 
@@ -19,19 +19,6 @@ def tokenized(tokenizer, template: str):
     messages = [Message(role, text, train=role == "assistant") for role, text in CONVERSATION]
     rows, _ = tokenize_examples(tokenizer, template, [Example("rows.jsonl:1", messages=messages)], 512)
     return rows[0]
-
-
-def trained_runs(tokenizer, row) -> list[list[int]]:
-    """The trained token ids, one list per run of consecutive trained positions."""
-    runs, previous = [], False
-    for token, label in zip(row.input_ids, row.labels, strict=True):
-        trained = label != IGNORE
-        if trained and not previous:
-            runs.append([])
-        if trained:
-            runs[-1].append(token)
-        previous = trained
-    return runs
 
 
 @pytest.mark.parametrize(("family", "name", "end", "bos"), [
@@ -47,7 +34,7 @@ def test_a_model_without_a_template_trains_each_reply_and_one_end_of_turn_token(
     assert choice.name == name
     row = tokenized(tokenizer, choice.source)
     end_id = tokenizer.convert_tokens_to_ids(end)
-    runs = trained_runs(tokenizer, row)
+    runs = families.trained_runs([row])
     assert [tokenizer.decode(r[:-1]) for r in runs] == ["hello there", "Paris."]
     assert [r[-1] for r in runs] == [end_id, end_id]  # one token the model can learn to stop on
     if bos is None:
