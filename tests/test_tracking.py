@@ -161,7 +161,7 @@ def test_resume_continues_the_same_tracked_runs(tmp_path, tiny_model_dir, monkey
     data, out = write_jsonl(tmp_path / "rows.jsonl", ROWS), tmp_path / "run"
     argv = ["sft", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(out), "--max-steps", "3",
             "--batch-size", "2", "--max-length", "64", "--dtype", "fp32", "--save-steps", "2", "--save-total-limit",
-            "0", "--report-to", *report_to]
+            "0", "--save-last", "--report-to", *report_to]
     assert main(argv) == 0
     ids = json.loads((out / "tracking.json").read_text()) if (out / "tracking.json").is_file() else {}
     shutil.rmtree(out / "checkpoints" / "step-3")

@@ -48,7 +48,14 @@ def run(cfg) -> dict:
 
 
 def is_preference_data(path: str) -> bool:
-    first = next(iter_rows([path]))
+    """Told by the first row's fields."""
+    rows = iter_rows([path])
+    try:
+        first = next(rows, None)
+    finally:
+        rows.close()
+    if first is None:
+        raise UserError(f"{path}: holds no rows")
     return "chosen" in first.fields and "rejected" in first.fields
 
 

@@ -2,22 +2,33 @@
 later run with the same data, tokenizer, template and settings memory-maps that store instead.
 
 The cache key covers what changes the tokens: the files' paths, sizes and modification times, the row format,
-the tokenizer's vocabulary and rules, the chat template, max_length, the eos token, on_bad_row and the kind of
-rows (SFT rows or DPO pairs). The number of worker processes is not part of it: it does not change the result.
+the tokenizer's vocabulary and rules, its special tokens (templates render them), the chat template, max_length
+and the kind of rows (SFT rows or DPO pairs). Neither the number of worker processes nor on_bad_row is part of
+it: a store holds the rows that are not bad, and a run under `on_bad_row: error` that opens a store built under
+`skip` with bad rows in it stops at the first of them, as building it would have.
+
+One process builds a store at a time: a lock file beside it is held while building, so another run (or another
+process of the same distributed run) waits, then opens the finished store; if the builder failed, the next one
+builds it and meets the same error. Temporary folders left by a builder that was killed are removed then.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
 
 from alignkit.data.engine import Job, auto_processes, build_store, encode_rows, new_stats
 from alignkit.data.sources import file_fingerprint, read_rows
 from alignkit.data.store import StoredRows, TokenStore
 from alignkit.data.tokenize import check_prompt_lengths
+from alignkit.errors import UserError
 from alignkit.models.embedded import cache_root
 
-CACHE_VERSION = "2"  # bump when tokenisation rules change, so old caches are not reused
+CACHE_VERSION = "3"  # bump when tokenisation rules change, so old caches are not reused
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -27,24 +38,47 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(paths: list[str], job: Job) -> str:
+    special = json.dumps(job.tokenizer.special_tokens_map, sort_keys=True, default=str)
     parts = [CACHE_VERSION, job.kind, file_fingerprint(paths), job.data_format, tokenizer_fingerprint(job.tokenizer),
-             job.template, str(job.max_length), str(job.tokenizer.eos_token), job.on_bad_row]
+             special, job.template, str(job.max_length)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
 def load_stored(paths: list[str], job: Job, num_proc: int | None = None) -> tuple[StoredRows, object, bool]:
     """(the rows, the statistics of their tokenisation, whether they came from the cache)."""
     folder = cache_root() / "tokenized" / cache_key(paths, job)
-    store = TokenStore.open(folder)
-    cached = store is not None
-    if store is not None:
-        stats = new_stats(job.kind)
-        for name, value in store.stats.items():
-            setattr(stats, name, value)
-    else:
-        store, stats = build_store(paths, job, folder, auto_processes(paths, num_proc))
+    store, built = TokenStore.open(folder), None
+    if store is None:
+        with _building(folder):
+            store = TokenStore.open(folder)  # built by another process while this one waited
+            if store is None:
+                store, built = build_store(paths, job, folder, auto_processes(paths, num_proc))
+    stats = built or _stats_of(store, job.kind)
+    if job.on_bad_row == "error" and stats.skipped:
+        raise UserError(stats.skipped_rows[0])
     check_prompt_lengths(stats, job.max_length, job.on_bad_row)
-    return StoredRows.of(store), stats, cached
+    return StoredRows.of(store), stats, built is None
+
+
+def _stats_of(store: TokenStore, kind: str):
+    stats = new_stats(kind)
+    for name, value in store.stats.items():
+        setattr(stats, name, value)
+    return stats
+
+
+@contextmanager
+def _building(folder: Path):
+    """Hold the store's build lock; remove what killed builders left behind."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in folder.parent.glob(f".{folder.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def load_sft_rows(paths: list[str], data_format: str, tokenizer, template: str, max_length: int,

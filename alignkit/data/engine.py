@@ -86,57 +86,81 @@ def _fail(chunk: Chunk, stats, err: UserError, on_bad_row: str) -> bool:
 
 
 def _encode_sft(job: Job, rows: list) -> Chunk:
-    chunk, stats, examples = Chunk(), new_stats("sft"), []
+    chunk, stats, items = Chunk(), new_stats("sft"), []
     for row in rows:
         try:
-            examples.append(to_example(row, job.data_format))
+            items.append(to_example(row, job.data_format))
         except UserError as err:
-            if _fail(chunk, stats, err, job.on_bad_row):
+            items.append(err)
+    examples = [item for item in items if not isinstance(item, UserError)]
+    encoded = iter(_each(examples, lambda some: encode_examples(job.tokenizer, job.template, some, job.max_length)))
+    for item in items:
+        parts = item if isinstance(item, UserError) else next(encoded)
+        if isinstance(parts, UserError):
+            if _fail(chunk, stats, parts, job.on_bad_row):
                 break
-    try:
-        encoded = encode_examples(job.tokenizer, job.template, examples, job.max_length)
-    except UserError as err:
-        return Chunk(error=str(err))
-    for example, parts in zip(examples, encoded, strict=True):
-        count_repairs(stats, example)
+            continue
+        count_repairs(stats, item)
         for sequence in parts:
-            count_encoded(stats, example.origin, sequence)
+            count_encoded(stats, item.origin, sequence)
             if sequence is not None:
-                chunk.rows.append(([_compact(sequence)], example.origin))
+                chunk.rows.append(([_compact(sequence)], item.origin))
     chunk.stats = dataclasses.asdict(stats)
     return chunk
+
+
+def _each(examples: list, encode) -> list:
+    """encode(examples); when one of them fails, each alone, so that the bad one is named by its origin and
+    skipped or reported in file order, and the others are kept."""
+    try:
+        return encode(examples)
+    except UserError:
+        results = []
+        for example in examples:
+            try:
+                results.append(encode([example])[0])
+            except UserError as err:
+                text = str(err)
+                results.append(err if text.startswith(example.origin) else UserError(f"{example.origin}: {text}"))
+        return results
 
 
 def _encode_pairs(job: Job, rows: list) -> Chunk:
     from alignkit.data.prefs import as_example, to_preference
 
-    chunk, stats, pairs = Chunk(), new_stats("dpo"), []
+    chunk, stats, items = Chunk(), new_stats("dpo"), []
     for row in rows:
         try:
-            pair = to_preference(row)
+            items.append(to_preference(row))
         except UserError as err:
-            if _fail(chunk, stats, err, job.on_bad_row):
+            items.append(err)
+    pairs = [item for item in items if item is not None and not isinstance(item, UserError)]
+
+    def encode(some: list) -> list:
+        sides = [encode_examples(job.tokenizer, job.template, [as_example(p.origin, p.prompt, getattr(p, side))
+                                                               for p in some], job.max_length, split=False)
+                 for side in ("chosen", "rejected")]
+        return [(c, r) for (c,), (r,) in zip(*sides, strict=True)]
+
+    encoded = iter(_each(pairs, encode))
+    for item in items:
+        if item is None:
+            stats.identical += 1
+            continue
+        both = item if isinstance(item, UserError) else next(encoded)
+        if isinstance(both, UserError):
+            if _fail(chunk, stats, both, job.on_bad_row):
                 break
             continue
-        if pair is None:
-            stats.identical += 1
-        else:
-            pairs.append(pair)
-    try:
-        chosen, rejected = (encode_examples(job.tokenizer, job.template,
-                                            [as_example(p.origin, p.prompt, getattr(p, side)) for p in pairs],
-                                            job.max_length, split=False) for side in ("chosen", "rejected"))
-    except UserError as err:
-        return Chunk(error=str(err))
-    for pair, (c,), (r,) in zip(pairs, chosen, rejected, strict=True):
+        c, r = both
         if c is None or r is None:
             stats.dropped += 1
             if len(stats.dropped_origins) < KEEP:
-                stats.dropped_origins.append(pair.origin)
+                stats.dropped_origins.append(item.origin)
             continue
         stats.pairs += 1
         stats.truncated += c.truncated or r.truncated
-        chunk.rows.append(([_compact(c), _compact(r)], pair.origin))
+        chunk.rows.append(([_compact(c), _compact(r)], item.origin))
     chunk.stats = dataclasses.asdict(stats)
     return chunk
 

@@ -89,11 +89,12 @@ class StoreWriter:
                 "files": {name: {"bytes": (self.tmp / name).stat().st_size, "sha256": _sha256(self.tmp / name)}
                           for name in names}}
         (self.tmp / "meta.json").write_text(json.dumps({"body": body, "sha256": _meta_hash(body)}))
-        if self.folder.exists():  # a store another run built meanwhile, or one that failed its check
+        if self.folder.exists():  # one that failed its check (builders take turns: `data.cache`)
             shutil.rmtree(self.folder, ignore_errors=True)
         os.replace(self.tmp, self.folder)
         store = TokenStore.open(self.folder)
-        assert store is not None
+        if store is None:
+            raise OSError(f"{self.folder}: the tokenised data just written does not read back whole")
         return store
 
     def discard(self) -> None:
@@ -107,7 +108,7 @@ class TokenStore:
 
     def __init__(self, folder: Path, body: dict):
         self.folder, self.group, self.rows, self.stats = folder, body["group"], body["rows"], body["stats"]
-        self.fingerprint = body["files"]["ids.bin"]["sha256"] + body["files"]["trained.bin"]["sha256"]
+        self.fingerprint = "".join(body["files"][f"{name}.bin"]["sha256"] for name in ("ids", "trained", "offsets"))
         dtypes = {**ARRAYS, "ids": np.dtype(body["id_dtype"])}
         self.arrays = {name: _map(folder / f"{name}.bin", dtype) for name, dtype in dtypes.items()}
         self.origin_text = _map(folder / "origins.txt", np.uint8)

@@ -78,10 +78,11 @@ def render_many(tokenizer, template: str, conversations: list[list[Message]], ad
     conversation costs more than the rendering (tests/test_tokenize.py checks both agree on every template)."""
     batch = [[{"role": m.role, "content": m.content} for m in messages] for messages in conversations]
     try:
-        compiled, special = _compiled(tokenizer, template)
+        compiled, plain = _compiled(template)
         if compiled is None:
             return [tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt) for chat in batch]
+        special = plain(dict(tokenizer.special_tokens_map))
         return [compiled.render(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
                                 **special) for chat in batch]
     except Exception as err:  # jinja raises TemplateError, templates may raise their own exceptions
@@ -89,14 +90,14 @@ def render_many(tokenizer, template: str, conversations: list[list[Message]], ad
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(tokenizer, template: str):
-    """(transformers' compiled template, the special tokens it is rendered with), or (None, None) where this
+def _compiled(template: str):
+    """(transformers' compiled template, its converter of template data), or (None, None) where this
     transformers has no such helpers."""
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template, _plain_template_data
     except ImportError:
         return None, None
-    return _compile_jinja_template(template), _plain_template_data(dict(tokenizer.special_tokens_map))
+    return _compile_jinja_template(template), _plain_template_data
 
 
 def trained_spans(tokenizer, template: str, examples: list[Example], fulls: list[str],
@@ -168,9 +169,17 @@ def _common_start(a: str, b: str) -> int:
     return lo
 
 
-@functools.lru_cache(maxsize=8)
 def _added_tokens(tokenizer) -> tuple[str, ...]:
-    return tuple(tokenizer.get_added_vocab())
+    return _added(tokenizer, len(tokenizer))[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _added(tokenizer, size: int) -> tuple[tuple[str, ...], bool]:
+    """(the added tokens' texts, whether any strips the whitespace around it), for a tokenizer of `size` tokens
+    (adding a token changes the size, and so the cached answer)."""
+    added = tokenizer.added_tokens_decoder.values()
+    return (tuple(tokenizer.get_added_vocab()),
+            any(getattr(token, "lstrip", False) or getattr(token, "rstrip", False) for token in added))
 
 
 def check_prompt_lengths(stats: TokenizeStats, max_length: int, on_bad_row: str) -> None:
@@ -225,13 +234,23 @@ def encode_examples(tokenizer, template: str, examples: list[Example], max_lengt
         if isinstance(found, NotAPrefix):
             if not split or sum(m.train for m in example.messages) < 2:
                 raise found
-            encoded.append([row for part in encode_examples(tokenizer, template, split_turns(example), max_length,
-                                                            split=False) for row in part])
+            encoded.append(_split_rows(encode_examples(tokenizer, template, split_turns(example), max_length,
+                                                       split=False)))
             continue
         ids = np.asarray(encoding.ids, dtype=np.int64)
         trained = np.ones(len(ids), dtype=bool) if found is None else _trained_mask(encoding.offsets, found)
         encoded.append([None if truncated and not trained.any() else Encoded(ids, trained, truncated)])
     return encoded
+
+
+def _split_rows(parts: list[list[Encoded | None]]) -> list[Encoded | None]:
+    """The rows of a split conversation: a later turn whose context alone fills max_length lies past it, as it
+    would in the conversation's own row, so it is left out and the conversation counts as truncated."""
+    rows = [row for part in parts for row in part]
+    kept = rows[:1] + [row for row in rows[1:] if row is not None]
+    if len(kept) < len(rows) and kept[-1] is not None:
+        kept[-1].truncated = True
+    return kept
 
 
 def encode_cut(tokenizer, texts: list[str], max_length: int) -> list[tuple[Any, bool]]:
@@ -247,9 +266,13 @@ def encode_cut(tokenizer, texts: list[str], max_length: int) -> list[tuple[Any, 
     results: list = [None] * len(texts)
     pending, width = list(range(len(texts))), max_length * FIRST_CUT
     while pending:
-        cuts = [_cut(tokenizer, texts[i], width) if _cuttable(backend) else len(texts[i]) for i in pending]
-        encodings = backend.encode_batch([texts[i][:cut] for i, cut in zip(pending, cuts, strict=True)],
-                                         add_special_tokens=False)
+        cuts = [_cut(tokenizer, texts[i], width) if _cuttable(tokenizer) else len(texts[i]) for i in pending]
+        try:
+            encodings = backend.encode_batch([texts[i][:cut] for i, cut in zip(pending, cuts, strict=True)],
+                                             add_special_tokens=False)
+        except TypeError:  # the tokenizer takes only valid Unicode: JSON may escape an unpaired surrogate
+            raise UserError("a text field is not valid Unicode (it holds an unpaired surrogate such as \\ud83d)"
+                            ) from None
         still = []
         for i, cut, encoding in zip(pending, cuts, encodings, strict=True):
             if cut >= len(texts[i]) or _settled(encoding, max_length):
@@ -271,9 +294,12 @@ def _settled(encoding, max_length: int) -> bool:
     return first is not None and last is not None and first < last
 
 
-def _cuttable(backend) -> bool:
-    return backend.pre_tokenizer is not None and (backend.normalizer is None or
-                                                   type(backend.normalizer).__name__ in ("NFC", "NFKC"))
+def _cuttable(tokenizer) -> bool:
+    """Whether a prefix's tokens are the whole text's there (see `encode_cut`): pre-tokens, a normaliser that
+    looks at one character at most, and no added token that takes in the whitespace around it."""
+    backend = tokenizer.backend_tokenizer
+    return (backend.pre_tokenizer is not None and not _added(tokenizer, len(tokenizer))[1]
+            and (backend.normalizer is None or type(backend.normalizer).__name__ in ("NFC", "NFKC")))
 
 
 def _cut(tokenizer, text: str, width: int) -> int:

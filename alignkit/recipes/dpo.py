@@ -54,6 +54,7 @@ from alignkit.training.run import (
     load_inputs,
     make_accelerator,
     release_run_folder,
+    releases_run_folder_on_error,
     resume_state,
     save_final,
     save_step,
@@ -375,6 +376,7 @@ def run(cfg: DPOConfig) -> dict:
     return train(cfg)[0]
 
 
+@releases_run_folder_on_error
 def train(cfg: DPOConfig):
     """Train and save; returns (summary, trained model, tokenizer)."""
     started = time.time()
@@ -385,12 +387,10 @@ def train(cfg: DPOConfig):
     set_seed(cfg.seed)
 
     model_path, tokenizer, template = load_inputs(cfg)
-    with accelerator.main_process_first():  # one process tokenises; the others then open its cached store
-        train_pairs, stats, sources = load_training_pairs(cfg, tokenizer, template)
-        eval_pairs: Sequence = []
-        if cfg.eval_data:
-            eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row,
-                                       cfg.num_proc)
+    train_pairs, stats, sources = load_training_pairs(cfg, tokenizer, template)  # one process tokenises at a time
+    eval_pairs: Sequence = []
+    if cfg.eval_data:
+        eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row, cfg.num_proc)
     if not cfg.eval_data:
         train_pairs, eval_pairs = split_eval(train_pairs, cfg.eval_fraction, cfg.seed)
     if not train_pairs:

@@ -45,6 +45,7 @@ from alignkit.training.run import (
     load_inputs,
     make_accelerator,
     release_run_folder,
+    releases_run_folder_on_error,
     resume_state,
     save_final,
     save_step,
@@ -187,6 +188,7 @@ def run(cfg: SFTConfig) -> dict:
     return train(cfg)[0]
 
 
+@releases_run_folder_on_error
 def train(cfg: SFTConfig):
     """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
     started = time.time()
@@ -199,8 +201,7 @@ def train(cfg: SFTConfig):
     set_seed(cfg.seed)
 
     model_path, tokenizer, template = load_inputs(cfg)
-    with accelerator.main_process_first():  # one process tokenises; the others then open its cached store
-        train_rows, eval_rows, stats, sources = load_data(cfg, tokenizer, template)
+    train_rows, eval_rows, stats, sources = load_data(cfg, tokenizer, template)  # one process tokenises at a time
     model = build_policy(cfg, model_path, checkpoint)
     recompute = checkpointing.configure(model, cfg.activation_checkpointing,
                                         longest_forward(train_rows, cfg, accelerator.device), accelerator.device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
@@ -134,6 +135,21 @@ def lock_run_folder(out: Path) -> None:
     _HELD[key] = fd
 
 
+def releases_run_folder_on_error(train):
+    """Decorate a recipe's train(cfg): a run that fails lets go of the folders it locked, so that a process that
+    goes on (the Python API, a notebook, a pipeline) can run there again, or another process can."""
+    @functools.wraps(train)
+    def guarded(cfg):
+        before = set(_HELD)
+        try:
+            return train(cfg)
+        except BaseException:
+            for key in set(_HELD) - before:
+                release_run_folder(key)
+            raise
+    return guarded
+
+
 def release_run_folder(out: Path) -> None:
     """Let another run use the folder (a finished run in a process that goes on: the Python API, pipelines)."""
     fd = _HELD.pop(out.resolve(), None)
@@ -145,6 +161,8 @@ def split_eval(rows: Sequence, fraction: float, seed: int) -> tuple[Sequence, Se
     """(training rows, held-out rows): a seeded `fraction` of the rows held out, both kept in their order."""
     if fraction <= 0:
         return rows, []
+    if not rows:
+        raise UserError("no usable rows to train on (every row was skipped as bad or dropped as too long)")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(fraction * len(rows)))
