@@ -377,3 +377,18 @@ def test_encoding_a_cut_text_gives_exactly_the_tokens_of_the_whole_text(tokenize
                 assert encoding.ids == whole.ids[:max_length], (text, max_length, first_cut)
                 assert encoding.offsets == whole.offsets[:max_length]
     assert sum(settled) > 500  # most long texts were taken from a prefix, not encoded whole
+
+
+def test_padding_left_on_the_tokenizer_by_an_earlier_call_never_reaches_the_rows(tmp_path):
+    """transformers leaves a padded call's padding set on the Rust backend (generation pads on the left)."""
+    from tests.conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    path = write_jsonl(tmp_path / "rows.jsonl", mixed_rows(12))
+    before = as_lists(load_sft_rows([str(path)], "auto", tokenizer, CHATML, 64, use_cache=False)[0])
+    tokenizer.padding_side = "left"
+    tokenizer(["Hello", "Hello world, a longer text"], padding=True)
+    assert tokenizer.backend_tokenizer.padding is not None  # what generation leaves behind
+    assert as_lists(load_sft_rows([str(path)], "auto", tokenizer, CHATML, 64, use_cache=False)[0]) == before
+    stored = load_sft_rows([str(path)], "auto", tokenizer, CHATML, 64)[0]
+    assert as_lists(stored) == before

@@ -120,11 +120,13 @@ def test_the_pinned_packages_name_their_chunks_in_order():
 
 # ---------------------------------------------------------------- portable outputs
 
-def test_an_adapter_names_the_alias_and_loads_after_the_cache_moves(tmp_path, tiny_model_dir, monkeypatch):
+def test_an_adapter_of_an_alias_loads_in_peft_and_after_the_cache_moves(tmp_path, tiny_model_dir, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
     import alignkit
     from alignkit.models.load import load_model, resolve_model
 
-    cache = {"folder": tmp_path / "cache-a"}
+    cache = {"folder": tmp_path / "cache-a" / "models" / "tiny-alias"}
     shutil.copytree(tiny_model_dir, cache["folder"])
     monkeypatch.setitem(zoo.ZOO, "tiny-alias", fake_spec())
     monkeypatch.setattr("alignkit.models.load.zoo_model_path", lambda alias: cache["folder"])
@@ -132,9 +134,11 @@ def test_an_adapter_names_the_alias_and_loads_after_the_cache_moves(tmp_path, ti
     alignkit.sft(model="tiny-alias", data=[str(data)], output_dir=str(tmp_path / "out"), max_steps=1,
                  batch_size=2, dtype="fp32", save_steps=0, lora=True, compile="off")
     final = tmp_path / "out" / "final"
-    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-alias"
-    cache["folder"] = tmp_path / "cache-b"
-    shutil.move(tmp_path / "cache-a", cache["folder"])
+    recorded = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(cache["folder"])
+    assert AutoPeftModelForCausalLM.from_pretrained(final).config.vocab_size > 0  # plain peft, no alignkit
+    cache["folder"] = tmp_path / "cache-b" / "models" / "tiny-alias"
+    shutil.move(tmp_path / "cache-a", tmp_path / "cache-b")
     assert load_model(resolve_model(str(final))).config.vocab_size > 0
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from alignkit.data.engine import Job, auto_processes, build_store, encode_rows, new_stats
 from alignkit.data.sources import file_fingerprint, read_rows
 from alignkit.data.store import StoredRows, TokenStore
-from alignkit.data.tokenize import check_prompt_lengths
+from alignkit.data.tokenize import check_prompt_lengths, plain_backend
 from alignkit.errors import UserError
 from alignkit.models.embedded import cache_root
 
@@ -32,7 +32,8 @@ CACHE_VERSION = "3"  # bump when tokenisation rules change, so old caches are no
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    """The vocabulary and rules, not the padding a previous call left set."""
+    backend = plain_backend(tokenizer) if getattr(tokenizer, "backend_tokenizer", None) is not None else None
     vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(vocab.encode()).hexdigest()
 

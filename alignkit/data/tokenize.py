@@ -262,7 +262,7 @@ def encode_cut(tokenizer, texts: list[str], max_length: int) -> list[tuple[Any, 
     up to a cut (FIRST_CUT characters per token of max_length, moved off any special token it would split, and
     widened while too short), and its first max_length tokens are taken when they all lie before the prefix's
     last pre-token. Other tokenizers encode the whole text."""
-    backend = tokenizer.backend_tokenizer
+    backend = plain_backend(tokenizer)
     results: list = [None] * len(texts)
     pending, width = list(range(len(texts))), max_length * FIRST_CUT
     while pending:
@@ -284,6 +284,21 @@ def encode_cut(tokenizer, texts: list[str], max_length: int) -> list[tuple[Any, 
                 still.append(i)
         pending, width = still, width * 2
     return results
+
+
+def plain_backend(tokenizer):
+    """The tokenizer's Rust backend without padding or truncation. transformers leaves the padding of its last
+    padded call (left, to the batch's longest: generation sets it) on the backend, where a direct encode would
+    then put pad tokens into the rows; a copy without it is used instead."""
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is None and backend.truncation is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
 
 
 def _settled(encoding, max_length: int) -> bool:

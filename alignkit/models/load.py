@@ -33,9 +33,22 @@ def resolve_model(spec: str) -> Path:
 
 
 def portable_name(spec: str) -> str:
-    """What an adapter records as its base: the alias, or the absolute path the user gave (a folder or a .gguf
-    file), never the cache folder an alias or a GGUF file resolves to; `resolve_model` resolves it again."""
-    return spec if spec in EMBEDDED or spec in ZOO else str(Path(spec).expanduser().resolve())
+    """What an adapter records as its base: for an alias, its cached folder (so that peft and transformers load
+    the adapter as it is; alignkit finds the alias again by the folder's name if the cache has moved, see
+    `base_of`), else the absolute path the user gave (a folder or a .gguf file), not the cache folder a GGUF file
+    is converted into."""
+    if spec in EMBEDDED or spec in ZOO:
+        return str(resolve_model(spec))
+    return str(Path(spec).expanduser().resolve())
+
+
+def base_of(name: str) -> Path:
+    """An adapter's recorded base, resolved: a path that no longer exists but names an alias's cached folder
+    (the cache moved) is that alias."""
+    path = Path(name)
+    if not path.exists() and path.name in (*EMBEDDED, *ZOO) and path.parent.name == "models":
+        return resolve_model(path.name)
+    return resolve_model(name)
 
 
 @contextlib.contextmanager
@@ -81,7 +94,7 @@ def load_adapter_model(path: Path, dtype: torch.dtype = torch.float32, trust_rem
     base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base_name:
         raise UserError(f"{path}: adapter_config.json names no base model")
-    base = load_model(resolve_model(base_name), dtype, trust_remote_code)
+    base = load_model(base_of(base_name), dtype, trust_remote_code)
     return PeftModel.from_pretrained(base, path)
 
 
