@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import signal
+import time
 import warnings
 from collections.abc import Sequence
 from datetime import datetime
@@ -126,13 +127,25 @@ def lock_run_folder(out: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        holder = _holder_pid(fd)
         os.close(fd)
         raise UserError(f"{out}: another run (pid {holder}) is using this output_dir; wait for it to end or "
                         "pick another --output-dir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    pid = f"{os.getpid()}\n".encode()
+    os.pwrite(fd, pid, 0)  # written before truncating, so a reader never sees the old holder's pid cut short
+    os.ftruncate(fd, len(pid))
     _HELD[key] = fd
+
+
+def _holder_pid(fd: int) -> str:
+    """The pid the holder writes just after taking the lock; a run that meets the lock in that instant waits for
+    it briefly rather than report the holder as unknown."""
+    for _ in range(50):
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.02)
+    return "unknown"
 
 
 def releases_run_folder_on_error(train):
