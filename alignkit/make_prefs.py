@@ -84,7 +84,7 @@ def run(cfg) -> dict:
     from alignkit.models.embedded import log
     from alignkit.models.load import load_model, load_tokenizer, resolve_model
     from alignkit.rewards import load_reward
-    from alignkit.training.run import mixed_precision
+    from alignkit.training.backend import mixed_precision
 
     if not cfg.prompts:
         raise UserError("no prompts: set --prompts FILE")

@@ -74,7 +74,7 @@ def test_the_largest_forward_pass_follows_the_layout():
 
     rows = [TokenizedRow([1] * n, [1] * n, "r") for n in (10, 40)]
     cpu = torch.device("cpu")
-    sizes = {layout: sft.longest_forward(rows, make_sft_config(data=["a.jsonl"], layout=layout, batch_size=4,
-                                                               max_length=64), cpu)
+    sizes = {layout: sft.SFT(make_sft_config(data=["a.jsonl"], layout=layout, batch_size=4,
+                                             max_length=64)).longest_forward(rows, cpu)
              for layout in ("per_sequence", "padded", "packed")}
     assert sizes == {"per_sequence": 40, "padded": 160, "packed": 256}

@@ -118,15 +118,16 @@ NAN_LAUNCH = """
 import sys
 from alignkit import cli
 from alignkit.recipes import sft
+from alignkit.training import loop
 
 # every forward pass of step 3, on every process, gives a NaN loss
-plain_step, plain_loss, at = sft.train_step, sft.sft_loss, {"step": 0}
+plain_step, plain_loss, at = loop.train_step, sft.mean_nll, {"step": 0}
 def train_step(*args):
     at["step"] = args[-1]
     return plain_step(*args)
-def sft_loss(*args):
+def mean_nll(*args):
     return plain_loss(*args) * (float("nan") if at["step"] == 3 else 1.0)
-sft.train_step, sft.sft_loss = train_step, sft_loss
+loop.train_step, sft.mean_nll = train_step, mean_nll
 sys.exit(cli.main())
 """
 

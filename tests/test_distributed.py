@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tests.conftest import write_jsonl
 
 # 17 rows, global batches of 4: each epoch ends with a 1-row global batch, so in that step one process has no
-# row and runs a filler pass of weight 0 (`training.run.step_stream`); 5 steps of 2 micro-batches cross an epoch.
+# row and runs a filler pass of weight 0 (`Backend.equal_passes`); 5 steps of 2 micro-batches cross an epoch.
 PAIRS = [(a, b) for a in range(10, 18) for b in range(20, 22)] + [(30, 40)]
 
 

@@ -13,8 +13,10 @@ from alignkit.data.prefs import to_preference, tokenize_preferences
 from alignkit.data.sources import Row
 from alignkit.data.templates import resolve_template
 from alignkit.errors import UserError
-from alignkit.losses.dpo import hinge_loss, ipo_loss, nll_loss, robust_loss, sigmoid_loss, simpo_loss
+from alignkit.losses.dpo import hinge_loss, ipo_loss, robust_loss, sigmoid_loss, simpo_loss
+from alignkit.losses.sft import mean_nll
 from alignkit.recipes import dpo as recipe
+from alignkit.training.backend import store_linear_weights_in_bf16
 from alignkit.training.forward import pair_logps
 from tests.conftest import build_model, write_jsonl
 
@@ -73,9 +75,11 @@ def test_each_loss_equals_its_formula_with_gradients():
     assert simpo.item() == pytest.approx(-math.log(sig(s)))
     assert t["pc"].grad.item() == pytest.approx(-(1 - sig(s)) * beta / lc)
 
-    token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    assert nll_loss(token_logps, mask, 3).item() == pytest.approx((1 + 2 + 0.5) / 3)
+    token_logps = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)  # 0: untrained
+    nll = mean_nll(token_logps, 3)
+    nll.backward()
+    assert nll.item() == pytest.approx((1 + 2 + 0.5) / 3)
+    assert torch.equal(token_logps.grad, torch.full((2, 3), -1 / 3))
 
 
 # ---------------------------------------------------------------- data
@@ -131,10 +135,13 @@ def test_batched_logps_equal_separate_forwards(tokenizer):
 def test_all_reference_strategies_give_the_same_loss(tmp_path, tiny_model_dir, tokenizer):
     """copy (a reloaded initial policy), adapter (LoRA switched off) and precomputed agree on one batch."""
     from alignkit.models.load import build_policy
-    from alignkit.training.run import make_accelerator
+    from alignkit.training import reference
+    from alignkit.training.backend import Backend
 
     pairs = pairs_for(tokenizer)
-    accelerator = make_accelerator("fp32")
+    for position, pair in enumerate(pairs):
+        pair.position = position
+    backend = Backend.build("fp32")
     pad = tokenizer.pad_token_id
     losses = {}
     runs = (("copy", False, None), ("adapter", True, None), ("precomputed", False, None),
@@ -153,15 +160,15 @@ def test_all_reference_strategies_give_the_same_loss(tmp_path, tiny_model_dir, t
                 for name, p in policy.named_parameters():
                     if "lora_B" in name:
                         p.add_(0.05 * torch.randn_like(p))
-        reference = recipe.build_reference(cfg, tiny_model_dir, accelerator)
+        ref = reference.build(cfg, kind, tiny_model_dir, backend, pad)
         if kind == "precomputed":
-            reference = recipe.precompute(reference, policy, [pairs], cfg, pad, accelerator, tiny_model_dir)
+            ref = reference.precompute(ref, policy, [pairs], cfg, "prefix_shared", backend, tiny_model_dir)[0]
+        objective = recipe.DPO(cfg)
+        objective.pad_id = pad
         policy.eval()
         with torch.no_grad():
-            loss, sums, _ = recipe.batch_loss(policy, reference, pairs, cfg, pad, len(pairs), 1, "cpu")
+            loss, sums = objective.loss(policy, recipe.PairPass(pairs, ref), torch.tensor([len(pairs), 1.0]))
         losses[(kind, lora, ref_model)] = (loss.item(), sums["rewards/margins"].item())
-        for p in pairs:
-            p.ref_logps = None
     assert losses[("copy", False, None)] == pytest.approx(losses[("precomputed", False, None)], abs=1e-6)
     # Under LoRA: the adapter switched off, the stored log-probs and a frozen copy of the base all agree.
     assert losses[("adapter", True, None)] == pytest.approx(losses[("precomputed", True, None)], abs=1e-6)
@@ -263,7 +270,7 @@ def test_a_reference_with_bf16_linear_weights_scores_bit_for_bit_like_fp32_under
         policy.lm_head.weight = policy.model.embed_tokens.weight
     reference = copy.deepcopy(policy).requires_grad_(False)
     fp32_frozen = copy.deepcopy(reference)
-    recipe.store_linear_weights_in_bf16(reference)
+    store_linear_weights_in_bf16(reference)
     assert reference.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert reference.get_input_embeddings().weight.dtype == torch.float32
     assert (reference.lm_head.weight.dtype == torch.float32) == tied
@@ -277,7 +284,7 @@ def test_a_reference_with_bf16_linear_weights_scores_bit_for_bit_like_fp32_under
 @pytest.mark.parametrize("reference", ["copy", "precomputed"])
 def test_bf16_first_step_is_log_2_whatever_the_reference(tmp_path, tiny_model_dir, reference):
     """Under bf16 autocast the policy's and the reference's log-probs are computed alike (the output head
-    included: `training.strategy.autocast_region`), so at step 1, where policy == reference, the loss is log 2."""
+    included: `training.backend.Backend.autocast`), so at step 1, where policy == reference, the loss is log 2."""
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("dtype auto runs fp32 on this CPU (no fast bf16)")
     data = write_jsonl(tmp_path / "prefs.jsonl", PAIRS)

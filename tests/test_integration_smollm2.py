@@ -75,6 +75,7 @@ def test_compiled_lora_dpo_policy_and_reference_agree_bit_for_bit_at_the_start(t
     from alignkit.recipes import dpo
     from alignkit.training import compiling
     from alignkit.training.forward import pair_logps
+    from alignkit.training.reference import AdapterOff
     from alignkit.training.run import load_inputs
 
     words = ["the", "a", "model", "answer", "question", "river", "light", "number", "green", "seven", "market"]
@@ -94,8 +95,7 @@ def test_compiled_lora_dpo_policy_and_reference_agree_bit_for_bit_at_the_start(t
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model.train()
             policy = pair_logps(model, pairs, "prefix_shared", tokenizer.pad_token_id, "cpu")[:2]
-            reference = dpo.reference_logps(dpo.Reference("adapter"), model, pairs, "prefix_shared",
-                                            tokenizer.pad_token_id, "cpu")
+            reference = AdapterOff(tokenizer.pad_token_id, "cpu").logps(model, pairs, "prefix_shared")
     finally:
         torch._dynamo.reset()
     assert all(torch.equal(p.detach(), r) for p, r in zip(policy, reference, strict=True)), (policy, reference)

@@ -69,9 +69,9 @@ def test_a_capacity_the_user_chose_wins_under_either_name(no_capacities, monkeyp
 
 def test_recipes_and_the_command_line_bound_the_caches(no_capacities, monkeypatch):
     from alignkit import cli
-    from alignkit.training.run import make_accelerator
+    from alignkit.training.backend import Backend
 
-    make_accelerator("auto")
+    Backend.build("auto")
     assert os.environ["LRU_CACHE_CAPACITY"] == str(kernel_caches.CAPACITY)
     monkeypatch.delenv("LRU_CACHE_CAPACITY")
     seen = []  # what a command finds when it starts

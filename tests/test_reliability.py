@@ -115,14 +115,14 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny_mo
 # ---------------------------------------------------------------- non-finite steps
 
 def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    real_loss, calls = sft_recipe.sft_loss, {"n": 0}
+    real_loss, calls = sft_recipe.mean_nll, {"n": 0}
 
-    def sometimes_nan(logps, mask, num_tokens):
+    def sometimes_nan(logps, num_tokens):
         calls["n"] += 1
-        loss = real_loss(logps, mask, num_tokens)
+        loss = real_loss(logps, num_tokens)
         return loss * float("nan") if calls["n"] in poisoned else loss
 
-    monkeypatch.setattr(sft_recipe, "sft_loss", sometimes_nan)
+    monkeypatch.setattr(sft_recipe, "mean_nll", sometimes_nan)
     poisoned = {2}
     assert main([*sft_args(tmp_path, tiny_model_dir, "--output-dir", str(tmp_path / "a"), "--max-steps", "4")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -143,7 +143,7 @@ def test_a_nan_step_is_skipped_and_too_many_stop_the_run(tmp_path, tiny_model_di
 
 
 def test_a_skipped_step_leaves_the_weights_unchanged(tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(sft_recipe, "sft_loss", lambda logps, mask, n: (logps * mask).sum() * float("nan"))
+    monkeypatch.setattr(sft_recipe, "mean_nll", lambda logps, n: logps.sum() * float("nan"))
     cfg = make_sft_config(model=str(tiny_model_dir), data=[str(write_jsonl(tmp_path / "r.jsonl", ROWS))],
                           output_dir=str(tmp_path / "o"), max_steps=2, dtype="fp32", save_steps=0)
     _, model, _ = sft_recipe.train(cfg)

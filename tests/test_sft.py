@@ -14,7 +14,7 @@ from alignkit.data.formats import to_example
 from alignkit.data.sources import Row
 from alignkit.data.templates import resolve_template
 from alignkit.data.tokenize import IGNORE, tokenize_examples
-from alignkit.losses import sft_loss, token_logprobs
+from alignkit.losses import mean_nll, token_logprobs
 from alignkit.recipes import sft as recipe
 from tests.conftest import build_model, write_jsonl
 
@@ -59,7 +59,7 @@ def test_sft_loss_equals_masked_cross_entropy_by_hand(tokenizer):
     logps, mask = token_logprobs(logits, batch["labels"])
     num_tokens = int(mask.sum())
     assert num_tokens == int((batch["labels"][:, 1:] != IGNORE).sum())
-    assert sft_loss(logps, mask, num_tokens).item() == pytest.approx(hand_loss(logits, batch["labels"]).item(),
+    assert mean_nll(logps, num_tokens).item() == pytest.approx(hand_loss(logits, batch["labels"]).item(),
                                                                       rel=1e-5)
 
 
@@ -76,7 +76,7 @@ def test_accumulated_micro_batches_weigh_every_token_equally(tokenizer):
     with torch.no_grad():
         for part in parts:
             part_logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-            summed += sft_loss(*token_logprobs(part_logits, part["labels"]), total_tokens).item()
+            summed += mean_nll(token_logprobs(part_logits, part["labels"])[0], total_tokens).item()
     assert summed == pytest.approx(expected, rel=1e-5)
 
 

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from alignkit.data.batches import micro_batches, tail_rows
+from alignkit.training.backend import Backend
 from alignkit.training.run import describe_tail, step_stream
 
 COMBOS = [(rows, batch, world) for rows in (1, 2, 3, 5, 7, 8, 16, 17, 23) for batch in (1, 2, 3, 4)
@@ -27,16 +28,19 @@ def test_ranks_cover_the_epoch_once_with_equal_micro_batch_counts(rows, batch, w
         [sorted(b) for b in single]
 
 
-def test_a_process_without_rows_in_a_step_gets_one_filler_row_of_weight_zero():
+def test_a_process_without_rows_in_a_step_gets_one_filler_pass_of_weight_zero():
     cfg = SimpleNamespace(batch_size=2, grad_accum=1, seed=0)
     data = list(range(5))  # global batches of 4: [4 rows], [1 row] → the second process has nothing in step 2
     first, second = (step_stream(data, cfg, 0, 0, rank, 2) for rank in (0, 1))
     steps = [(next(first), next(second)) for _ in range(3)]
-    (b0, w0, _, _), (b1, w1, _, _) = steps[1]
-    assert sorted([w0, w1]) == [0.0, 1.0]
-    live, filler = (b0, b1) if w0 else (b1, b0)
-    assert len(live[0]) == 1 and filler == [data[:1]]
-    assert [s[2:] for pair in steps for s in pair] == [(0, 1), (0, 1), (0, 2), (0, 2), (1, 1), (1, 1)]
+    (b0, _, _), (b1, _, _) = steps[1]
+    assert sorted([len(b0), len(b1)]) == [0, 1] and len((b0 or b1)[0]) == 1
+    assert [s[1:] for pair in steps for s in pair] == [(0, 1), (0, 1), (0, 2), (0, 2), (1, 1), (1, 1)]
+    ddp = Backend(SimpleNamespace(distributed_type="MULTI_CPU", num_processes=2))
+    assert ddp.equal_passes([], "filler") == [("filler", 0.0)]  # the others wait for its gradients
+    assert ddp.equal_passes(["a", "b"], "filler") == [("a", 1.0), ("b", 1.0)]
+    alone = Backend(SimpleNamespace(distributed_type="NO", num_processes=1))
+    assert alone.equal_passes(["a"], "filler") == [("a", 1.0)]
 
 
 def test_the_short_last_global_batch_is_stated():

@@ -33,7 +33,7 @@ class PreferenceRow:
     chosen: TokenizedRow
     rejected: TokenizedRow
     origin: str
-    ref_logps: tuple[float, float] | None = None  # (chosen, rejected) under the reference, when precomputed
+    position: int = -1  # index in the rows it was read from (precomputed reference log-probs are kept by it)
 
 
 @dataclass

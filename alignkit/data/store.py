@@ -172,11 +172,11 @@ def _check(folder: Path) -> str:
 class StoredRows(Sequence):
     """Rows picked from stores by (store, row) index; indexing an int gives one row as Python lists.
 
-    A row of a one-sequence store is a `TokenizedRow`; of a pair store, a `PreferenceRow`. `ref_logps`, when set,
-    holds each row's precomputed reference log-probs (chosen, rejected) in the same order."""
+    A row of a one-sequence store is a `TokenizedRow`; of a pair store, a `PreferenceRow` that knows its
+    position here."""
 
-    def __init__(self, stores: list[TokenStore], index: np.ndarray, ref_logps=None):
-        self.stores, self.index, self.ref_logps = stores, index, ref_logps
+    def __init__(self, stores: list[TokenStore], index: np.ndarray):
+        self.stores, self.index = stores, index
 
     @classmethod
     def of(cls, store: TokenStore) -> StoredRows:
@@ -188,21 +188,19 @@ class StoredRows(Sequence):
 
     def __getitem__(self, item):
         if isinstance(item, slice):
-            return StoredRows(self.stores, self.index[item],
-                              None if self.ref_logps is None else self.ref_logps[item])
+            return StoredRows(self.stores, self.index[item])
         store_number, row = (int(v) for v in self.index[item])
         store = self.stores[store_number]
         if store.group == 1:
             return store.tokenized(row)
         from alignkit.data.prefs import PreferenceRow
 
-        logps = None if self.ref_logps is None else tuple(float(v) for v in self.ref_logps[item])
-        return PreferenceRow(store.tokenized(row, 0), store.tokenized(row, 1), store.origin(row), logps)
+        position = int(item) % len(self.index)
+        return PreferenceRow(store.tokenized(row, 0), store.tokenized(row, 1), store.origin(row), position)
 
     def take(self, positions) -> StoredRows:
         positions = np.asarray(positions, dtype=np.int64)
-        return StoredRows(self.stores, self.index[positions] if len(positions) else self.index[:0],
-                          None if self.ref_logps is None else self.ref_logps[positions])
+        return StoredRows(self.stores, self.index[positions] if len(positions) else self.index[:0])
 
     def _per_row(self, name: str) -> np.ndarray:
         group = self.stores[0].group if self.stores else 1

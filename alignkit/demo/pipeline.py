@@ -31,7 +31,7 @@ from alignkit.models.load import load_model, load_tokenizer, resolve_model
 from alignkit.recipes import dpo as dpo_recipe
 from alignkit.recipes import sft as sft_recipe
 from alignkit.rewards import sentiment_reward
-from alignkit.training.run import mixed_precision
+from alignkit.training.backend import mixed_precision
 
 
 @dataclass

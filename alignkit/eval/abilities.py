@@ -177,7 +177,7 @@ def evaluate_sets(model, tokenizer, sets: dict[str, str], max_new_tokens: int = 
                   samples_file: Path | None = None) -> dict[str, dict]:
     """{set name: {score, right, rows}}; every reply with its verdict goes to `samples_file` (JSON lines)."""
     from alignkit.generation import generate
-    from alignkit.training.run import mixed_precision
+    from alignkit.training.backend import mixed_precision
 
     autocast = mixed_precision("auto") == "bf16"  # bf16 matmuls where the CPU/GPU has them, as in training
     loaded = {name: load_tasks(path) for name, path in sets.items()}  # all checked before any generation

@@ -2,6 +2,6 @@
 
 from alignkit.losses.dpo import pair_losses
 from alignkit.losses.logprobs import token_logprobs
-from alignkit.losses.sft import sft_loss
+from alignkit.losses.sft import mean_nll
 
-__all__ = ["pair_losses", "sft_loss", "token_logprobs"]
+__all__ = ["pair_losses", "mean_nll", "token_logprobs"]

@@ -63,21 +63,11 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_
     return -F.logsigmoid(beta * margin - gamma)
 
 
-def nll_loss(chosen_token_logps: torch.Tensor, chosen_mask: torch.Tensor, num_tokens: int | torch.Tensor
-             ) -> torch.Tensor:
-    """The NLL term of RPO: −(1/N) Σ_t log πθ(y_c,t | x, y_c,<t) over the chosen completions' N tokens.
-
-    Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733: DPO plus the chosen
-    answers' likelihood, which keeps their probability from falling while the margin grows.
-    """
-    return -(chosen_token_logps * chosen_mask).sum() / num_tokens
-
-
 def pair_losses(loss_types: list[str], beta: float, label_smoothing: float, simpo_gamma: float,
                 policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                 ref_rejected: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
-    """Each requested pair-level loss, one value per pair (`sft` is token-level: see `nll_loss`)."""
+    """Each requested pair-level loss, one value per pair (`sft` is token-level: see `losses.sft.mean_nll`)."""
     chosen_logratios, rejected_logratios = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     delta = chosen_logratios - rejected_logratios
     losses = {}

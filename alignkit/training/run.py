@@ -11,53 +11,24 @@ import random
 import shutil
 import signal
 import time
-import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 
 from alignkit.data.batches import batch_positions, tail_rows
 from alignkit.data.store import take
 from alignkit.errors import Interrupted, RunError, UserError
 from alignkit.models.load import no_hub_lookup
-from alignkit.training import kernel_caches, threads, zero
 from alignkit.training.checkpoint import kept_state, load_training_state, save_checkpoint, write_failure
-from alignkit.training.strategy import build_accelerator, full_state_dict, full_training_state, is_sharded
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints", "tensorboard", "wandb",
              "mlruns", "tracking.json")
 PID_FILE = "run.pid"
 LOCK_FILE = "run.lock"
 _HELD: dict[Path, int] = {}  # run folder -> the open lock file whose flock this process holds
-
-
-def mixed_precision(dtype: str) -> str:
-    """accelerate's mixed_precision for our `dtype` choice: bf16 autocast over fp32 weights where it is fast."""
-    if dtype != "auto":
-        return "no"
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
-
-
-def make_accelerator(dtype: str, strategy: str = "auto") -> Accelerator:
-    # transformers 5 warns on every peft model about a renamed attribute peft still reads; not ours to act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # peft looks for config.json beside an adapter's base to see if the vocabulary grew; a LoRA stage trained on
-    # a LoRA stage's output has an adapter folder as its base, whose vocabulary is the base's
-    warnings.filterwarnings("ignore", message="Could not find a config file in .* vocabulary was not modified",
-                            category=UserWarning)
-    # accelerate keeps its precision in a process-wide singleton; reset it so one process can run several
-    # recipes in a row (the Python API, pipelines), while keeping the process group of a distributed launch.
-    AcceleratorState._reset_state()
-    accelerator = build_accelerator(mixed_precision(dtype), strategy, dtype)
-    kernel_caches.bound()  # for the Python API; the command line sets it first thing
-    threads.register()
-    return accelerator
 
 
 def load_inputs(cfg):
@@ -191,18 +162,17 @@ def steps_per_epoch(num_batches: int, grad_accum: int) -> int:
 
 
 def step_stream(rows: Sequence, cfg, epoch: int, index: int, rank: int, world: int):
-    """Yield (micro-batches of one step, loss weight, epoch, index after it), endlessly, from a saved position.
+    """Yield (micro-batches of one step, epoch, index after it), endlessly, from a saved position.
 
     Only the step's rows are read from `rows` (stored rows become Python lists one step at a time). Empty
-    micro-batches (this process's share of a short last global batch) are left out. A process left with
-    no row at all in a step must still run a forward and backward pass, since the others wait for its
-    gradients: it gets one real row with loss weight 0, which adds nothing to the loss, gradients or metrics."""
+    micro-batches (this process's share of a short last global batch) are left out, so a process can get a
+    step without rows; the back end gives it the passes the others wait for (`Backend.equal_passes`)."""
     while True:
         batches = batch_positions(len(rows), cfg.batch_size, cfg.seed, epoch, rank, world)
         while index < len(batches):
             live = [[rows[i] for i in b] for b in batches[index:index + cfg.grad_accum] if b]
             index = min(index + cfg.grad_accum, len(batches))
-            yield (live, 1.0, epoch, index) if live else ([[rows[0]]], 0.0, epoch, index)
+            yield live, epoch, index
         epoch, index = epoch + 1, 0
 
 
@@ -216,15 +186,15 @@ def describe_tail(num_rows: int, batch_size: int, world: int) -> str:
             f"{tail} rows of the last partial batch of each epoch are trained as a smaller batch")
 
 
-def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
+def save_final(model, tokenizer, out: Path, backend) -> Path:
     """final/: written beside, then renamed into place, so a failed save never leaves half a model."""
     final, staging = out / "final", out / ".final.tmp"
-    weights = full_state_dict(model, accelerator)  # every process takes part in gathering FSDP shards
-    if accelerator.is_main_process:
+    weights = backend.full_state_dict(model)  # every process takes part in gathering FSDP shards
+    if backend.is_main:
         try:
             shutil.rmtree(staging, ignore_errors=True)
             with no_hub_lookup():
-                accelerator.unwrap_model(model).save_pretrained(staging, state_dict=weights)
+                backend.unwrap(model).save_pretrained(staging, state_dict=weights)
             tokenizer.save_pretrained(staging)
             if final.exists():
                 shutil.rmtree(final)
@@ -235,7 +205,7 @@ def save_final(model, tokenizer, out: Path, accelerator: Accelerator) -> Path:
             if reason is None:
                 raise
             raise RunError(f"could not save {final} ({reason}); {kept_state(out / 'checkpoints')}") from None
-    accelerator.wait_for_everyone()
+    backend.accelerator.wait_for_everyone()
     return final
 
 
@@ -249,40 +219,28 @@ def process_rngs(accelerator: Accelerator) -> list[dict]:
 
 
 def save_step(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
-              accelerator: Accelerator) -> None:
+              backend) -> None:
     """A checkpoint of this step: what must be gathered is gathered by every process, the main one writes.
 
     Under DeepSpeed every process first writes its optimizer partition beside the checkpoint; the main process
     moves that folder into it (deepspeed/), so it appears atomically with the rest."""
-    rngs = process_rngs(accelerator)
-    state["sharded"] = is_sharded(accelerator)
-    state["deepspeed"] = zero.is_deepspeed(accelerator)
-    sharded = full_training_state(model, optimizer, accelerator)
-    engine_state = None
-    if state["deepspeed"]:
-        engine_state = out / "checkpoints" / f".tmp-deepspeed-step-{step}"
-        zero.save_engine_state(model, engine_state)
-        accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_checkpoint(out / "checkpoints", step, accelerator.unwrap_model(model), tokenizer, optimizer, scheduler,
+    rngs = process_rngs(backend.accelerator)
+    state.update(backend.layout_of_checkpoints())
+    sharded = backend.full_training_state(model, optimizer)
+    engine_state = backend.write_engine_state(model, out / "checkpoints" / f".tmp-deepspeed-step-{step}")
+    if backend.is_main:
+        save_checkpoint(out / "checkpoints", step, backend.unwrap(model), tokenizer, optimizer, scheduler,
                         state, keep, rngs, sharded, engine_state)
-    accelerator.wait_for_everyone()
+    backend.accelerator.wait_for_everyone()
 
 
-def resume_state(checkpoint: Path, optimizer, scheduler, accelerator: Accelerator) -> dict:
+def resume_state(checkpoint: Path, optimizer, scheduler, backend) -> dict:
     """Scheduler, RNG and position from `checkpoint`, and the optimizer state, except under FSDP and DeepSpeed,
     where it can only be loaded once `prepare` has partitioned the optimizer
-    (`strategy.load_partitioned_optimizer_state`)."""
+    (`Backend.load_partitioned_optimizer_state`)."""
     saved = json.loads((checkpoint / "state.json").read_text())
-    sharded, deepspeed = saved.get("sharded", False), saved.get("deepspeed", False)
-    if sharded != is_sharded(accelerator):
-        raise UserError(f"{checkpoint}: saved by a run {'with' if sharded else 'without'} FSDP; resume it with "
-                        f"{'strategy: fsdp and several processes' if sharded else 'strategy: ddp'}")
-    if deepspeed != zero.is_deepspeed(accelerator):
-        raise UserError(f"{checkpoint}: saved by a run {'with' if deepspeed else 'without'} DeepSpeed; resume it "
-                        f"{'under the same DeepSpeed launch' if deepspeed else 'without DeepSpeed'}")
-    return load_training_state(checkpoint, None if sharded or deepspeed else optimizer, scheduler,
-                               accelerator.process_index)
+    later = backend.check_resumable(checkpoint, saved)
+    return load_training_state(checkpoint, None if later else optimizer, scheduler, backend.rank)
 
 
 def agree_on_stop(stop, accelerator: Accelerator) -> bool:

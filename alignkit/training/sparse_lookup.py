@@ -14,21 +14,17 @@ sparse, which the fused optimizer does not take.
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator
-
-from alignkit.training import zero
-from alignkit.training.strategy import is_sharded
 
 
-def configure(model: torch.nn.Module, accelerator: Accelerator) -> bool:
+def configure(model: torch.nn.Module, backend) -> bool:
     """Make a trained, tied embedding's lookup gradient sparse; True when it did.
 
     Called after `accelerate.prepare`: DDP decides at wrapping time which parameters expect sparse gradients,
     and this one must be reduced as the dense gradient it ends up as. FSDP and DeepSpeed keep the dense lookup
     (their flat, sharded gradient buffers take dense gradients only)."""
-    if is_sharded(accelerator) or zero.is_deepspeed(accelerator):
+    if backend.partitioned:
         return False
-    inner = accelerator.unwrap_model(model)
+    inner = backend.unwrap(model)
     embeddings, head = inner.get_input_embeddings(), inner.get_output_embeddings()
     tied = head is not None and getattr(head, "weight", None) is getattr(embeddings, "weight", False)
     if not (isinstance(embeddings, torch.nn.Embedding) and tied and embeddings.weight.requires_grad):
