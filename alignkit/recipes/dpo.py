@@ -33,6 +33,7 @@ from alignkit.data.mixture import load_mixture, log_mixture
 from alignkit.data.prefs import PreferenceRow
 from alignkit.data.sources import file_fingerprint
 from alignkit.data.store import StoredRows, lengths, trained_counts
+from alignkit.data.tokenize import PLAIN, Rendering
 from alignkit.errors import UserError
 from alignkit.losses import pair_losses
 from alignkit.losses.dpo import nll_loss
@@ -99,8 +100,8 @@ class Reference:
 
 
 def load_pairs(paths: list[str], tokenizer, template: str, max_length: int, on_bad_row: str = "error",
-               num_proc: int | None = None) -> tuple[Sequence, dict]:
-    pairs, stats, cached = load_pair_rows(paths, tokenizer, template, max_length, on_bad_row, num_proc)
+               num_proc: int | None = None, rendering: Rendering = PLAIN) -> tuple[Sequence, dict]:
+    pairs, stats, cached = load_pair_rows(paths, tokenizer, template, max_length, on_bad_row, num_proc, rendering)
     if cached:
         log(f"{', '.join(paths)}: tokenised pairs loaded from cache")
     if stats.skipped:
@@ -118,7 +119,8 @@ def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[Seque
     """Pairs drawn from the data sources (see `alignkit.data.mixture`), merged statistics, a row per source."""
     pairs, source_stats, sources = load_mixture(
         cfg.data, cfg.mix_total, cfg.seed,
-        lambda path: load_pairs([path], tokenizer, template, cfg.max_length, cfg.on_bad_row, cfg.num_proc),
+        lambda path: load_pairs([path], tokenizer, template, cfg.max_length, cfg.on_bad_row, cfg.num_proc,
+                                Rendering.of(cfg)),
         pair_tokens)
     stats = {name: sum((part[name] for part in source_stats), [] if isinstance(value, list) else 0)
              for name, value in source_stats[0].items()}
@@ -390,7 +392,8 @@ def train(cfg: DPOConfig):
     train_pairs, stats, sources = load_training_pairs(cfg, tokenizer, template)  # one process tokenises at a time
     eval_pairs: Sequence = []
     if cfg.eval_data:
-        eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row, cfg.num_proc)
+        eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row, cfg.num_proc,
+                                   Rendering.of(cfg))
     if not cfg.eval_data:
         train_pairs, eval_pairs = split_eval(train_pairs, cfg.eval_fraction, cfg.seed)
     if not train_pairs:
