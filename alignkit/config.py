@@ -52,8 +52,8 @@ class TrainConfig:
     train_reasoning: bool = _opt(True, "train an assistant turn's reasoning (reasoning_content or a leading "
                                        "<think> block) with its answer; false: only the answer after it is "
                                        "trained (see docs/data.md)")
-    enable_thinking: bool | None = _opt(None, "passed to chat templates that take it (Qwen3: false puts an empty "
-                                              "<think> block in the prompt); default: not passed")
+    enable_thinking: bool | None = _opt(None, "passed to chat templates that take it, e.g. Qwen3's, where false "
+                                              "puts an empty <think> block in the prompt (default: not passed)")
     # How to train
     batch_size: int = _opt(4, "rows per micro-batch (per process)")
     grad_accum: int = _opt(1, "micro-batches accumulated into one optimizer step")
@@ -218,7 +218,8 @@ class DataConfig:
                       choices=["auto", "always", "never"])
     num_proc: int | None = _opt(None, "processes that tokenise the data (as for alignkit sft)")
     train_reasoning: bool = _opt(True, "mark reasoning as trained, as training would (see alignkit sft --help)")
-    enable_thinking: bool | None = _opt(None, "passed to chat templates that take it, as in training")
+    enable_thinking: bool | None = _opt(None, "passed to chat templates that take it, as in training (default: "
+                                              "not passed)")
 
 
 @dataclass
@@ -247,7 +248,8 @@ class EvalConfig:
     max_length: int = _opt(1024, "longest tokenised row (longer completions are cut from the end)")
     chat_template: str | None = _opt(None, "chat template override (see alignkit sft --help)")
     train_reasoning: bool = _opt(True, "with --data: score reasoning as training did (see alignkit sft --help)")
-    enable_thinking: bool | None = _opt(None, "with --data: passed to chat templates that take it, as in training")
+    enable_thinking: bool | None = _opt(None, "with --data: passed to chat templates that take it, as in training "
+                                              "(default: not passed)")
     output: str | None = _opt(None, "write the results as JSON here")
     seed: int = _opt(0, "sampling seed")
 
