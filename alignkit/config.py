@@ -49,6 +49,11 @@ class TrainConfig:
                                  "rows whose prompt alone reaches it are dropped")
     num_proc: int | None = _opt(None, "processes that tokenise the data (default: one per CPU for data of 4 MiB "
                                       "or more, else 1); the tokenised rows are the same for any number")
+    train_reasoning: bool = _opt(True, "train an assistant turn's reasoning (reasoning_content or a leading "
+                                       "<think> block) with its answer; false: only the answer after it is "
+                                       "trained (see docs/data.md)")
+    enable_thinking: bool | None = _opt(None, "passed to chat templates that take it, e.g. Qwen3's, where false "
+                                              "puts an empty <think> block in the prompt (default: not passed)")
     # How to train
     batch_size: int = _opt(4, "rows per micro-batch (per process)")
     grad_accum: int = _opt(1, "micro-batches accumulated into one optimizer step")
@@ -171,7 +176,8 @@ class DemoConfig:
 class GenerateConfig:
     model: str = _opt("smollm2-135m-instruct", "model folder, .gguf, alias, or an alignkit final/ (LoRA merged)")
     prompt: str | None = _opt(None, "one prompt (streamed to the terminal when n is 1)")
-    prompts: str | None = _opt(None, "a file of rows with a 'prompt' (text or messages)")
+    prompts: str | None = _opt(None, "a file of rows with a 'prompt' (text or messages) and optionally 'tools' "
+                                     "(tool schemas, given to the chat template)")
     output: str | None = _opt(None, "write JSON lines {prompt, completion} here instead of printing")
     n: int = _opt(1, "completions per prompt")
     max_new_tokens: int = _opt(256, "longest completion, in tokens")
@@ -211,6 +217,9 @@ class DataConfig:
     color: str = _opt("auto", "mark trained text with colour (auto: when printing to a terminal) or [[brackets]]",
                       choices=["auto", "always", "never"])
     num_proc: int | None = _opt(None, "processes that tokenise the data (as for alignkit sft)")
+    train_reasoning: bool = _opt(True, "mark reasoning as trained, as training would (see alignkit sft --help)")
+    enable_thinking: bool | None = _opt(None, "passed to chat templates that take it, as in training (default: "
+                                              "not passed)")
 
 
 @dataclass
@@ -238,6 +247,9 @@ class EvalConfig:
     max_new_tokens: int | None = _opt(None, "longest sample, in tokens (default: 64; 512 with --benchmark)")
     max_length: int = _opt(1024, "longest tokenised row (longer completions are cut from the end)")
     chat_template: str | None = _opt(None, "chat template override (see alignkit sft --help)")
+    train_reasoning: bool = _opt(True, "with --data: score reasoning as training did (see alignkit sft --help)")
+    enable_thinking: bool | None = _opt(None, "with --data: passed to chat templates that take it, as in training "
+                                              "(default: not passed)")
     output: str | None = _opt(None, "write the results as JSON here")
     seed: int = _opt(0, "sampling seed")
 

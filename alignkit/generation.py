@@ -18,9 +18,13 @@ class Sample:
 
 
 def render_prompt(tokenizer, prompt) -> str:
-    """A prompt (text or a message list) as the model sees it, ending with the assistant's turn header."""
+    """A prompt (text, a message list, or {messages, tools} for a model that may call tools) as the model sees
+    it, ending with the assistant's turn header."""
+    tools = None
+    if isinstance(prompt, dict):
+        prompt, tools = prompt["messages"], prompt.get("tools")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
 def stop_ids(model, tokenizer) -> list[int]:

@@ -26,14 +26,23 @@ class PrefsStats:
     mean_reward: float
 
 
-def read_prompts(path: str) -> list:
+def read_prompts(path: str, tools: bool = False) -> list:
+    """Each row's `prompt`; with `tools`, a row that has `tools` gives {messages, tools} as the chat template
+    takes them (see `alignkit.data.tool_calls`)."""
     prompts = []
     for row in read_rows([path]):
         prompt = row.fields.get("prompt")
         if not isinstance(prompt, (str, list)) or not prompt:
             raise UserError(f"{row.origin}: field 'prompt' must be text or a list of messages")
-        prompts.append(prompt)
+        prompts.append(tool_prompt(row, prompt) if tools and row.fields.get("tools") else prompt)
     return prompts
+
+
+def tool_prompt(row, prompt) -> dict:
+    from alignkit.data.formats import Message, _message_list, row_tools
+
+    messages = [Message("user", prompt)] if isinstance(prompt, str) else _message_list(row, "prompt", prompt)
+    return {"messages": [m.template_dict() for m in messages], "tools": row_tools(row)}
 
 
 def pair_up(prompt, completions: list[str], rewards: list[float], pairing: str = "best-worst",

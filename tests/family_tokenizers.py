@@ -10,8 +10,10 @@ GEMMA = {"specials": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_tur
 LLAMA3 = {"specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                        "<|eot_id|>", "<|eom_id|>"],
           "bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|end_of_text|>", "add_bos": True}
+# Qwen's tool markers are added tokens that are not special (decoding keeps them), as in the Qwen2.5/Qwen3 vocabularies
 QWEN = {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"], "bos": None,
-        "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False}
+        "eos": "<|im_end|>", "pad": "<|endoftext|>", "add_bos": False,
+        "added": ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]}
 MISTRAL = {"specials": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "bos": "<s>", "eos": "</s>", "pad": "</s>",
            "add_bos": True}
 PHI3 = {"specials": ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
@@ -20,9 +22,10 @@ PHI3 = {"specials": ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|u
 BARE = {"specials": ["<s>", "</s>"], "bos": "<s>", "eos": "</s>", "pad": "</s>", "add_bos": True}
 
 
-def build(family: dict, vocab_size: int = 400):
-    """A fast tokenizer with `family`'s special tokens and no chat template; it adds bos if the family does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def build(family: dict, vocab_size: int = 400, extra_corpus: list[str] | None = None):
+    """A fast tokenizer with `family`'s special tokens (and added tokens) and no chat template; it adds bos if
+    the family does."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())
@@ -30,7 +33,8 @@ def build(family: dict, vocab_size: int = 400):
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=family["specials"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(CORPUS, trainer)
+    core.train_from_iterator(CORPUS + (extra_corpus or []), trainer)
+    core.add_tokens([AddedToken(token, special=False, normalized=False) for token in family.get("added", [])])
     if family["add_bos"]:
         bos = family["bos"]
         core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",

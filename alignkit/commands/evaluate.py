@@ -24,6 +24,7 @@ from alignkit.data.packing import single
 from alignkit.data.prefs import tokenize_preferences
 from alignkit.data.sources import read_rows
 from alignkit.data.templates import resolve_template
+from alignkit.data.tokenize import Rendering
 from alignkit.errors import UserError
 from alignkit.eval.abilities import evaluate_sets
 from alignkit.eval.judge import judge, model_preference, summarize
@@ -61,7 +62,7 @@ def reference_of(model, ref_spec: str | None):
 @torch.no_grad()
 def eval_sft(model, tokenizer, template: str, cfg) -> dict:
     rows, _, _ = load_sft_rows(cfg.data, "auto", tokenizer, template, cfg.max_length, use_cache=False,
-                               on_bad_row="skip")
+                               on_bad_row="skip", rendering=Rendering.of(cfg))
     nll, tokens = 0.0, 0.0
     for row in rows:
         sums, counts = unit_sequence_logps(model, single(row), 1)
@@ -73,7 +74,8 @@ def eval_sft(model, tokenizer, template: str, cfg) -> dict:
 
 @torch.no_grad()
 def eval_preferences(model, tokenizer, template: str, cfg) -> dict:
-    pairs, _ = tokenize_preferences(tokenizer, template, read_rows(cfg.data), cfg.max_length, "skip")
+    pairs, _ = tokenize_preferences(tokenizer, template, read_rows(cfg.data), cfg.max_length, "skip",
+                                    Rendering.of(cfg))
     if not pairs:
         raise UserError("no preference pairs to evaluate")
     pad = tokenizer.pad_token_id

@@ -25,13 +25,20 @@ def run(cfg) -> list[dict]:
         completion = stream(model, tokenizer, [{"role": "user", "content": cfg.prompt}], cfg.max_new_tokens,
                             cfg.temperature, cfg.top_p)
         return [{"prompt": cfg.prompt, "completion": completion}]
-    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts)
+    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts, tools=True)
     samples = generate(model, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed)
-    rows = [{"prompt": prompts[s.prompt_index], "completion": s.text} for group in samples for s in group]
+    rows = [sample_row(prompts[s.prompt_index], s.text) for group in samples for s in group]
     if cfg.output:
         write_jsonl(rows, Path(cfg.output))
     else:
         for row in rows:
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
     return rows
+
+
+def sample_row(prompt, completion: str) -> dict:
+    """{prompt, completion}, and the prompt's tools where it has them."""
+    if isinstance(prompt, dict):
+        return {"prompt": prompt["messages"], "tools": prompt["tools"], "completion": completion}
+    return {"prompt": prompt, "completion": completion}

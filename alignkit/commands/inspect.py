@@ -17,7 +17,7 @@ import numpy as np
 from alignkit.data.cache import load_pair_rows, load_sft_rows
 from alignkit.data.sources import iter_rows, require
 from alignkit.data.templates import resolve_template
-from alignkit.data.tokenize import IGNORE
+from alignkit.data.tokenize import IGNORE, Rendering
 from alignkit.errors import UserError
 from alignkit.models.load import load_tokenizer, resolve_model
 
@@ -31,11 +31,13 @@ def run(cfg) -> dict:
     tokenizer = load_tokenizer(resolve_model(cfg.model))
     template = resolve_template(tokenizer, cfg.chat_template)
     pairs = is_preference_data(cfg.data)
+    rendering = Rendering.of(cfg)
     if pairs:
-        rows, stats, _ = load_pair_rows([cfg.data], tokenizer, template, cfg.max_length, "skip", cfg.num_proc)
+        rows, stats, _ = load_pair_rows([cfg.data], tokenizer, template, cfg.max_length, "skip", cfg.num_proc,
+                                        rendering)
     else:
         rows, stats, _ = load_sft_rows([cfg.data], cfg.data_format, tokenizer, template, cfg.max_length,
-                                       on_bad_row="skip", num_proc=cfg.num_proc)
+                                       on_bad_row="skip", num_proc=cfg.num_proc, rendering=rendering)
     colour = cfg.color == "always" or (cfg.color == "auto" and sys.stdout.isatty())
     for i in range(min(cfg.rows, len(rows))):
         show_row(rows[i], tokenizer, colour)

@@ -1,11 +1,11 @@
 """Tokenised data, cached: a data file is tokenised once into a token store (`alignkit.data.store`) and every
 later run with the same data, tokenizer, template and settings memory-maps that store instead.
 
-The cache key covers what changes the tokens: the files' paths, sizes and modification times, the row format,
-the tokenizer's vocabulary and rules, its special tokens (templates render them), the chat template, max_length
-and the kind of rows (SFT rows or DPO pairs). Neither the number of worker processes nor on_bad_row is part of
-it: a store holds the rows that are not bad, and a run under `on_bad_row: error` that opens a store built under
-`skip` with bad rows in it stops at the first of them, as building it would have.
+The cache key covers what changes the tokens: the files' paths, sizes and modification times, the row format, the
+tokenizer's vocabulary and rules, its special tokens (templates render them), the chat template, max_length, the
+kind of rows (SFT rows or DPO pairs), train_reasoning and enable_thinking. Neither the number of worker processes
+nor on_bad_row is part of it: a store holds the rows that are not bad, and a run under `on_bad_row: error` that
+opens a store built under `skip` with bad rows in it stops at the first of them, as building it would have.
 
 One process builds a store at a time: a lock file beside it is held while building, so another run (or another
 process of the same distributed run) waits, then opens the finished store; if the builder failed, the next one
@@ -24,11 +24,11 @@ from pathlib import Path
 from alignkit.data.engine import Job, auto_processes, build_store, encode_rows, new_stats
 from alignkit.data.sources import file_fingerprint, read_rows
 from alignkit.data.store import StoredRows, TokenStore
-from alignkit.data.tokenize import check_prompt_lengths, plain_backend
+from alignkit.data.tokenize import PLAIN, Rendering, check_prompt_lengths, plain_backend
 from alignkit.errors import UserError
 from alignkit.models.embedded import cache_root
 
-CACHE_VERSION = "3"  # bump when tokenisation rules change, so old caches are not reused
+CACHE_VERSION = "4"  # bump when tokenisation rules change, so old caches are not reused
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -41,7 +41,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(paths: list[str], job: Job) -> str:
     special = json.dumps(job.tokenizer.special_tokens_map, sort_keys=True, default=str)
     parts = [CACHE_VERSION, job.kind, file_fingerprint(paths), job.data_format, tokenizer_fingerprint(job.tokenizer),
-             special, job.template, str(job.max_length)]
+             special, job.template, str(job.max_length), f"train_reasoning={job.rendering.train_reasoning}",
+             f"enable_thinking={job.rendering.enable_thinking}"]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
@@ -83,9 +84,10 @@ def _building(folder: Path):
 
 
 def load_sft_rows(paths: list[str], data_format: str, tokenizer, template: str, max_length: int,
-                  use_cache: bool = True, on_bad_row: str = "error", num_proc: int | None = None):
+                  use_cache: bool = True, on_bad_row: str = "error", num_proc: int | None = None,
+                  rendering: Rendering = PLAIN):
     """SFT rows of `paths` (stored rows, or with use_cache=False a list), their statistics, whether cached."""
-    job = Job("sft", tokenizer, template, max_length, data_format, on_bad_row)
+    job = Job("sft", tokenizer, template, max_length, data_format, on_bad_row, rendering)
     if use_cache:
         return load_stored(paths, job, num_proc)
     rows, stats = encode_rows(job, read_rows(paths))
@@ -94,6 +96,6 @@ def load_sft_rows(paths: list[str], data_format: str, tokenizer, template: str, 
 
 
 def load_pair_rows(paths: list[str], tokenizer, template: str, max_length: int, on_bad_row: str = "error",
-                   num_proc: int | None = None):
+                   num_proc: int | None = None, rendering: Rendering = PLAIN):
     """DPO pairs of `paths` as stored rows, their statistics, and whether they came from the cache."""
-    return load_stored(paths, Job("dpo", tokenizer, template, max_length, "auto", on_bad_row), num_proc)
+    return load_stored(paths, Job("dpo", tokenizer, template, max_length, "auto", on_bad_row, rendering), num_proc)

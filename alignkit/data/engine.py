@@ -26,7 +26,7 @@ import numpy as np
 from alignkit.data.formats import to_example
 from alignkit.data.sources import iter_rows
 from alignkit.data.store import StoreWriter, TokenStore
-from alignkit.data.tokenize import KEEP, count_encoded, count_repairs, encode_examples, keep_example
+from alignkit.data.tokenize import KEEP, PLAIN, Rendering, count_encoded, count_repairs, encode_examples, keep_example
 from alignkit.errors import UserError
 
 CHUNK_ROWS = 256
@@ -45,6 +45,7 @@ class Job:
     max_length: int
     data_format: str = "auto"
     on_bad_row: str = "error"
+    rendering: Rendering = PLAIN
 
 
 @dataclass
@@ -92,7 +93,8 @@ def _encode_sft(job: Job, rows: list) -> Chunk:
         except UserError as err:
             items.append(err)
     examples = [item for item in items if not isinstance(item, UserError)]
-    encoded = iter(_each(examples, lambda some: encode_examples(job.tokenizer, job.template, some, job.max_length)))
+    encoded = iter(_each(examples, lambda some: encode_examples(job.tokenizer, job.template, some, job.max_length,
+                                                                rendering=job.rendering)))
     for item in items:
         parts = item if isinstance(item, UserError) else next(encoded)
         if isinstance(parts, UserError):
@@ -136,8 +138,9 @@ def _encode_pairs(job: Job, rows: list) -> Chunk:
     pairs = [item for item in items if item is not None and not isinstance(item, UserError)]
 
     def encode(some: list) -> list:
-        sides = [encode_examples(job.tokenizer, job.template, [as_example(p.origin, p.prompt, getattr(p, side))
-                                                               for p in some], job.max_length, split=False)
+        sides = [encode_examples(job.tokenizer, job.template,
+                                 [as_example(p.origin, p.prompt, getattr(p, side), p.tools) for p in some],
+                                 job.max_length, split=False, rendering=job.rendering)
                  for side in ("chosen", "rejected")]
         return [(c, r) for (c,), (r,) in zip(*sides, strict=True)]
 

@@ -5,6 +5,8 @@ Row shapes:
   prompt may be a multi-turn conversation with a system message; chosen/rejected hold assistant messages);
 - implicit prompt: only `chosen` and `rejected`, whole conversations; the prompt is their longest common
   message prefix.
+A row-level `tools` list is given to the template for both sides, so a pair may prefer one tool call to another
+(see `alignkit.data.tool_calls`).
 Rows whose chosen equals rejected carry no preference: they are dropped and counted, not errors.
 Each sequence is tokenised like an SFT row (see `alignkit.data.tokenize`): the completion's tokens, end-of-turn
 token included, are the ones scored.
@@ -12,11 +14,11 @@ token included, are the ones scored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from alignkit.data.formats import Example, Message, _message_list
+from alignkit.data.formats import Example, Message, _message_list, row_tools
 from alignkit.data.sources import Row
-from alignkit.data.tokenize import TokenizedRow, TokenizeStats, check_prompt_lengths
+from alignkit.data.tokenize import PLAIN, Rendering, TokenizedRow, TokenizeStats, check_prompt_lengths
 from alignkit.errors import UserError
 
 
@@ -26,6 +28,7 @@ class PreferenceExample:
     prompt: list[Message]
     chosen: list[Message]
     rejected: list[Message]
+    tools: list[dict] | None = None
 
 
 @dataclass
@@ -62,7 +65,7 @@ def _side(row: Row, name: str) -> list[Message]:
 
 def _common_prefix(a: list[Message], b: list[Message]) -> int:
     n = 0
-    while n < min(len(a), len(b)) and (a[n].role, a[n].content) == (b[n].role, b[n].content):
+    while n < min(len(a), len(b)) and a[n].key() == b[n].key():
         n += 1
     return n
 
@@ -79,30 +82,31 @@ def to_preference(row: Row) -> PreferenceExample | None:
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         if not prompt:
             raise UserError(f"{row.origin}: chosen and rejected share no prompt; add a 'prompt' field")
-    if not prompt or not any(m.content.strip() for m in prompt):
+    if not prompt or all(m.is_empty() for m in prompt):
         raise UserError(f"{row.origin}: field 'prompt' is empty")
     for name, side in (("chosen", chosen), ("rejected", rejected)):
-        if not side or not "".join(m.content for m in side).strip():
+        if not side or all(m.is_empty() for m in side):
             raise UserError(f"{row.origin}: field '{name}' is empty")
         if any(m.role != "assistant" for m in side):
             raise UserError(f"{row.origin}: field '{name}' may hold assistant messages only after the prompt")
-    if [(m.role, m.content) for m in chosen] == [(m.role, m.content) for m in rejected]:
+    if [m.key() for m in chosen] == [m.key() for m in rejected]:
         return None
-    return PreferenceExample(row.origin, prompt, chosen, rejected)
+    return PreferenceExample(row.origin, prompt, chosen, rejected, row_tools(row))
 
 
-def as_example(origin: str, prompt: list[Message], completion: list[Message]) -> Example:
+def as_example(origin: str, prompt: list[Message], completion: list[Message], tools: list[dict] | None = None
+               ) -> Example:
     """One side of a pair as an SFT example: the prompt untrained, the completion trained."""
-    context = [Message(m.role, m.content) for m in prompt]
-    return Example(origin, messages=context + [Message(m.role, m.content, train=True) for m in completion])
+    context = [replace(m, train=False) for m in prompt]
+    return Example(origin, messages=context + [replace(m, train=True) for m in completion], tools=tools)
 
 
-def tokenize_preferences(tokenizer, template: str, rows: list[Row], max_length: int, on_bad_row: str = "error"
-                         ) -> tuple[list[PreferenceRow], PreferenceStats]:
+def tokenize_preferences(tokenizer, template: str, rows: list[Row], max_length: int, on_bad_row: str = "error",
+                         rendering: Rendering = PLAIN) -> tuple[list[PreferenceRow], PreferenceStats]:
     """Pairs of `rows` as Python lists (for small sets: evaluation, tests); training uses `data.cache`."""
     from alignkit.data.engine import Job, encode_rows
 
-    pairs, stats = encode_rows(Job("dpo", tokenizer, template, max_length, "auto", on_bad_row), rows)
+    pairs, stats = encode_rows(Job("dpo", tokenizer, template, max_length, "auto", on_bad_row, rendering), rows)
     check_prompt_lengths(TokenizeStats(dropped=stats.dropped, dropped_origins=stats.dropped_origins), max_length,
                          on_bad_row)
     return pairs, stats

@@ -7,6 +7,11 @@ whitespace are left out. A token is trained when its characters overlap a traine
 merges the last prompt character with the first completion character is trained: the model must predict it to
 produce the completion.
 
+A turn's reasoning (see `alignkit.data.formats`) is trained with it, or with `train_reasoning: false` left out
+of the loss: the turn's trained text then starts after the reasoning and the `</think>` closing it, so the model
+learns the answer that follows reasoning it does not learn to write. Templates that do not render
+`reasoning_content` themselves get it as a <think> block before the content.
+
 Truncation policy (`max_length`): a row longer than max_length keeps its first max_length tokens (the completion
 is cut from the end); a row with no trained token among them (its prompt alone fills max_length) is dropped.
 """
@@ -14,17 +19,37 @@ is cut from the end); a row with no trained token among them (its prompt alone f
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from alignkit.data.formats import Example, Message
+from alignkit.data.formats import THINK_CLOSE, Example, Message
 from alignkit.errors import UserError
 
 IGNORE = -100  # label of tokens that are not trained (torch's cross-entropy ignore_index)
 FIRST_CUT = 8  # characters per token where a long text is first cut before encoding (see `encode_cut`)
 KEEP = 5  # origins of dropped, truncated, skipped and repaired rows named in the statistics, the first few
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How conversations render and what of a reply is trained: the run's `train_reasoning` and
+    `enable_thinking` (passed to templates that take it, such as Qwen3's; None passes nothing)."""
+
+    train_reasoning: bool = True
+    enable_thinking: bool | None = None
+
+    @classmethod
+    def of(cls, cfg) -> Rendering:
+        """The rendering a run's config asks for."""
+        return cls(getattr(cfg, "train_reasoning", True), getattr(cfg, "enable_thinking", None))
+
+    def template_kwargs(self) -> dict:
+        return {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+
+
+PLAIN = Rendering()
 
 
 @dataclass
@@ -64,29 +89,56 @@ def merge_stats(parts: list[TokenizeStats]) -> TokenizeStats:
     return merged
 
 
-def render(tokenizer, template: str, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    return render_many(tokenizer, template, [messages], add_generation_prompt)[0]
+def render(tokenizer, template: str, messages: list[Message], add_generation_prompt: bool = False,
+           tools: list[dict] | None = None, rendering: Rendering = PLAIN) -> str:
+    return render_many(tokenizer, template, [messages], add_generation_prompt, [tools], rendering)[0]
 
 
-def render_many(tokenizer, template: str, conversations: list[list[Message]], add_generation_prompt: bool = False
-                ) -> list[str]:
-    """Several conversations rendered as `apply_chat_template(..., tokenize=False)` renders each.
+def render_many(tokenizer, template: str, conversations: list[list[Message]], add_generation_prompt: bool = False,
+                tools: list[list[dict] | None] | None = None, rendering: Rendering = PLAIN) -> list[str]:
+    """Several conversations rendered as `apply_chat_template(..., tools=, tokenize=False)` renders each;
+    `tools[k]` are conversation k's tool schemas.
 
     The template is compiled once by transformers' own sandboxed environment and rendered with what
-    apply_chat_template passes it (the messages, no tools or documents, the special tokens): apply_chat_template
-    itself copies and normalises every message on every call, which for the many prefix renders of a long
-    conversation costs more than the rendering (tests/test_tokenize.py checks both agree on every template)."""
-    batch = [[{"role": m.role, "content": m.content} for m in messages] for messages in conversations]
+    apply_chat_template passes it (the messages, the tools, no documents, the special tokens, and
+    `enable_thinking` when the run sets it): apply_chat_template itself copies and normalises every message on
+    every call, which for the many prefix renders of a long conversation costs more than the rendering
+    (tests/test_tokenize.py checks both agree on every template)."""
+    tools = tools or [None] * len(conversations)
+    inline = not renders_reasoning(tokenizer, template)
+    batch = [[m.template_dict(inline) for m in messages] for messages in conversations]
+    extra = rendering.template_kwargs()
     try:
-        compiled, plain = _compiled(template)
-        if compiled is None:
-            return [tokenizer.apply_chat_template(chat, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt) for chat in batch]
-        special = plain(dict(tokenizer.special_tokens_map))
-        return [compiled.render(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
-                                **special) for chat in batch]
+        return [_render(tokenizer, template, chat, chat_tools, add_generation_prompt, extra)
+                for chat, chat_tools in zip(batch, tools, strict=True)]
     except Exception as err:  # jinja raises TemplateError, templates may raise their own exceptions
         raise UserError(f"chat template failed to render: {err}") from None
+
+
+def _render(tokenizer, template: str, chat: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+            extra: dict) -> str:
+    compiled, plain = _compiled(template)
+    if compiled is None:
+        return tokenizer.apply_chat_template(chat, tools=tools, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **extra)
+    special = plain(dict(tokenizer.special_tokens_map))
+    return compiled.render(messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt,
+                           **special, **extra)
+
+
+REASONING_PROBE = "reasoning-probe-7f3a"
+
+
+@functools.lru_cache(maxsize=8)
+def renders_reasoning(tokenizer, template: str) -> bool:
+    """Whether the template writes an assistant message's `reasoning_content` (Qwen3's does); other templates
+    would drop it silently, so they get the reasoning inline (`Message.template_dict`)."""
+    chat = [{"role": "user", "content": "x"},
+            {"role": "assistant", "content": "y", "reasoning_content": REASONING_PROBE}]
+    try:
+        return REASONING_PROBE in _render(tokenizer, template, chat, None, False, {})
+    except Exception:  # a template that cannot render the probe fails with its own message when rows render
+        return False
 
 
 @functools.lru_cache(maxsize=8)
@@ -100,8 +152,8 @@ def _compiled(template: str):
     return _compile_jinja_template(template), _plain_template_data
 
 
-def trained_spans(tokenizer, template: str, examples: list[Example], fulls: list[str],
-                  limits: list[int]) -> list[list[tuple[int, int]] | NotAPrefix]:
+def trained_spans(tokenizer, template: str, examples: list[Example], fulls: list[str], limits: list[int],
+                  rendering: Rendering = PLAIN) -> list[list[tuple[int, int]] | NotAPrefix]:
     """The character spans of each example's trained turns in its rendered conversation `fulls[k]`, only of
     the turns that start before `limits[k]` (the rest lie past max_length), or the NotAPrefix error of an
     example whose template renders a turn differently once later turns follow it.
@@ -109,26 +161,55 @@ def trained_spans(tokenizer, template: str, examples: list[Example], fulls: list
     A turn's text is the turn as it renders with more conversation after it: its rendering alone, when that is
     where the whole conversation goes on (no extra render), else the common start of its rendering alone and
     with the generation prompt of a next turn (Phi-3 writes eos after the very last message only)."""
+    def render_prefixes(turns: list[tuple[int, int]], generation_prompt: bool) -> list[str]:
+        return render_many(tokenizer, template, [examples[k].messages[:i] for k, i in turns], generation_prompt,
+                           [examples[k].tools for k, _ in turns], rendering)
+
     turns = [(k, i) for k, example in enumerate(examples) for i, m in enumerate(example.messages) if m.train]
-    befores = render_many(tokenizer, template, [examples[k].messages[:i] for k, i in turns], True)
+    befores = render_prefixes(turns, True)
     kept = [(k, i, before) for (k, i), before in zip(turns, befores, strict=True) if len(before) <= limits[k]]
-    alones = render_many(tokenizer, template, [examples[k].messages[:i + 1] for k, i, _ in kept])
+    alones = render_prefixes([(k, i + 1) for k, i, _ in kept], False)
     unsure = [n for n, ((k, i, _), alone) in enumerate(zip(kept, alones, strict=True))
               if i == len(examples[k].messages) - 1 or not fulls[k].startswith(alone)]
-    followed = dict(zip(unsure, render_many(tokenizer, template, [examples[kept[n][0]].messages[:kept[n][1] + 1]
-                                                                  for n in unsure], True), strict=True))
+    followed = dict(zip(unsure, render_prefixes([(kept[n][0], kept[n][1] + 1) for n in unsure], True),
+                        strict=True))
     spans: list = [[] for _ in examples]
-    for n, ((k, _, before), alone) in enumerate(zip(kept, alones, strict=True)):
+    for n, ((k, i, before), alone) in enumerate(zip(kept, alones, strict=True)):
         through = alone if n not in followed else _common_turn(tokenizer, alone, followed[n])
         if isinstance(spans[k], NotAPrefix):
             continue
         if not (through.startswith(before) and fulls[k].startswith(through) and len(through) > len(before)):
-            spans[k] = NotAPrefix(f"{examples[k].origin}: the chat template renders a conversation differently "
-                                  "from its own prefix, so turn boundaries cannot be found (try chat_template: "
-                                  "chatml)")
-        else:
-            spans[k].append((len(before), len(through.rstrip())))
+            spans[k] = _not_a_prefix(examples[k], i, rendering)
+            continue
+        start, end = len(before), len(through.rstrip())
+        reasoning = examples[k].messages[i].reasoning_text()
+        if not rendering.train_reasoning and reasoning and reasoning.strip():
+            start = _answer_start(through, start, end, reasoning.strip())
+        spans[k].append((start, end))
     return spans
+
+
+def _not_a_prefix(example: Example, turn: int, rendering: Rendering) -> NotAPrefix:
+    if rendering.enable_thinking is False and example.messages[turn].reasoning_text():
+        return NotAPrefix(f"{example.origin}: an assistant turn has reasoning, but with enable_thinking: false "
+                          "the template's prompt for the turn closes an empty <think> block before it")
+    return NotAPrefix(f"{example.origin}: the chat template renders a conversation differently from its own "
+                      "prefix, so turn boundaries cannot be found (try chat_template: chatml)")
+
+
+def _answer_start(text: str, start: int, end: int, reasoning: str) -> int:
+    """Where a turn's text `text[start:end]` goes on after its reasoning: past the reasoning, the `</think>`
+    that closes it and the whitespace after. `start` when the template did not write the reasoning there."""
+    at = text.find(reasoning, start, end)
+    if at == -1:
+        return start
+    after = at + len(reasoning)
+    close = text.find(THINK_CLOSE, after, end)
+    if close != -1 and not text[after:close].strip():
+        after = close + len(THINK_CLOSE)
+    while after < end and text[after].isspace():
+        after += 1
+    return after
 
 
 class NotAPrefix(UserError):
@@ -141,8 +222,8 @@ def split_turns(example: Example) -> list[Example]:
     is then trained in the context the model has when it writes it."""
     messages = example.messages
     assert messages is not None
-    return [Example(example.origin, messages=[Message(m.role, m.content, train=k == i)
-                                              for k, m in enumerate(messages[:i + 1])])
+    return [Example(example.origin, messages=[replace(m, train=k == i) for k, m in enumerate(messages[:i + 1])],
+                    tools=example.tools)
             for i, m in enumerate(messages) if m.train]
 
 
@@ -198,21 +279,23 @@ class Encoded:
     truncated: bool
 
 
-def encode_examples(tokenizer, template: str, examples: list[Example], max_length: int, split: bool = True
-                    ) -> list[list[Encoded | None]]:
+def encode_examples(tokenizer, template: str, examples: list[Example], max_length: int, split: bool = True,
+                    rendering: Rendering = PLAIN) -> list[list[Encoded | None]]:
     """Each example's rows (one, or with `split` one per trained turn: see `split_turns`), each row its tokens,
     or None when its prompt alone fills max_length (nothing left to train)."""
     if not tokenizer.is_fast:
         raise UserError("alignkit needs a fast (Rust) tokenizer to locate completion tokens exactly")
     chats = [k for k, example in enumerate(examples) if example.messages is not None]
     texts = [example.text + (tokenizer.eos_token or "") if example.text is not None else "" for example in examples]
-    for k, text in zip(chats, render_many(tokenizer, template, [examples[k].messages for k in chats]), strict=True):
+    fulls = render_many(tokenizer, template, [examples[k].messages for k in chats], False,
+                        [examples[k].tools for k in chats], rendering)
+    for k, text in zip(chats, fulls, strict=True):
         texts[k] = text
     encodings = encode_cut(tokenizer, texts, max_length)
     covered = [encoding.token_to_chars(len(encoding) - 1)[1] if len(encoding) else 0 for encoding, _ in encodings]
     spans: list = [None] * len(examples)  # None: language modelling, every token is trained
     found_spans = trained_spans(tokenizer, template, [examples[k] for k in chats], [texts[k] for k in chats],
-                                [covered[k] for k in chats])
+                                [covered[k] for k in chats], rendering)
     for k, found in zip(chats, found_spans, strict=True):
         spans[k] = found
     encoded = []
@@ -221,7 +304,7 @@ def encode_examples(tokenizer, template: str, examples: list[Example], max_lengt
             if not split or sum(m.train for m in example.messages) < 2:
                 raise found
             encoded.append(_split_rows(encode_examples(tokenizer, template, split_turns(example), max_length,
-                                                       split=False)))
+                                                       split=False, rendering=rendering)))
             continue
         ids = np.asarray(encoding.ids, dtype=np.int64)
         trained = np.ones(len(ids), dtype=bool) if found is None else _trained_mask(encoding.offsets, found)
@@ -352,12 +435,13 @@ def keep_example(examples: list[str], item: str) -> None:
         examples.append(item)
 
 
-def tokenize_examples(tokenizer, template: str, examples: list[Example], max_length: int
-                      ) -> tuple[list[TokenizedRow], TokenizeStats]:
+def tokenize_examples(tokenizer, template: str, examples: list[Example], max_length: int,
+                      rendering: Rendering = PLAIN) -> tuple[list[TokenizedRow], TokenizeStats]:
     """The examples as rows of Python lists (for small sets: evaluation, tests); see `encode_examples`."""
     stats = TokenizeStats()
     rows = []
-    for example, parts in zip(examples, encode_examples(tokenizer, template, examples, max_length), strict=True):
+    encoded = encode_examples(tokenizer, template, examples, max_length, rendering=rendering)
+    for example, parts in zip(examples, encoded, strict=True):
         for encoded in parts:
             count_encoded(stats, example.origin, encoded)
             if encoded is not None:

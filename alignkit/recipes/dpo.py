@@ -21,6 +21,7 @@ from alignkit.data.cache import load_pair_rows
 from alignkit.data.mixture import load_mixture, log_mixture
 from alignkit.data.prefs import PreferenceRow
 from alignkit.data.store import lengths, trained_counts
+from alignkit.data.tokenize import PLAIN, Rendering
 from alignkit.errors import UserError
 from alignkit.losses import mean_nll, pair_losses
 from alignkit.models.embedded import log
@@ -60,7 +61,7 @@ class DPO:
         eval_pairs: Sequence = []
         if cfg.eval_data:
             eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row,
-                                       cfg.num_proc)
+                                       cfg.num_proc, Rendering.of(cfg))
         else:
             train, eval_pairs = split_eval(train, cfg.eval_fraction, cfg.seed)
         if not train:
@@ -171,8 +172,8 @@ def chosen_tokens(pairs: Sequence) -> int:
 
 
 def load_pairs(paths: list[str], tokenizer, template: str, max_length: int, on_bad_row: str = "error",
-               num_proc: int | None = None) -> tuple[Sequence, dict]:
-    pairs, stats, cached = load_pair_rows(paths, tokenizer, template, max_length, on_bad_row, num_proc)
+               num_proc: int | None = None, rendering: Rendering = PLAIN) -> tuple[Sequence, dict]:
+    pairs, stats, cached = load_pair_rows(paths, tokenizer, template, max_length, on_bad_row, num_proc, rendering)
     if cached:
         log(f"{', '.join(paths)}: tokenised pairs loaded from cache")
     if stats.skipped:
@@ -190,7 +191,8 @@ def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[Seque
     """Pairs drawn from the data sources (see `alignkit.data.mixture`), merged statistics, a row per source."""
     pairs, source_stats, sources = load_mixture(
         cfg.data, cfg.mix_total, cfg.seed,
-        lambda path: load_pairs([path], tokenizer, template, cfg.max_length, cfg.on_bad_row, cfg.num_proc),
+        lambda path: load_pairs([path], tokenizer, template, cfg.max_length, cfg.on_bad_row, cfg.num_proc,
+                                Rendering.of(cfg)),
         lambda rows: int(trained_counts(rows).sum()))
     stats = {name: sum((part[name] for part in source_stats), [] if isinstance(value, list) else 0)
              for name, value in source_stats[0].items()}

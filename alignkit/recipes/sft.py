@@ -17,7 +17,7 @@ from alignkit.data.cache import load_sft_rows
 from alignkit.data.mixture import load_mixture, log_mixture
 from alignkit.data.packing import sft_units
 from alignkit.data.store import lengths
-from alignkit.data.tokenize import merge_stats, trained_label_count
+from alignkit.data.tokenize import Rendering, merge_stats, trained_label_count
 from alignkit.errors import UserError
 from alignkit.losses import mean_nll
 from alignkit.models.embedded import log
@@ -98,7 +98,8 @@ def load_data(cfg: SFTConfig, tokenizer, template: str) -> Data:
     """Training rows drawn from the data sources, eval rows, and what the summary says of them."""
     def load_source(path: str):
         rows, stats, cached = load_sft_rows([path], cfg.data_format, tokenizer, template, cfg.max_length,
-                                            on_bad_row=cfg.on_bad_row, num_proc=cfg.num_proc)
+                                            on_bad_row=cfg.on_bad_row, num_proc=cfg.num_proc,
+                                            rendering=Rendering.of(cfg))
         if cached:
             log(f"{path}: tokenised rows loaded from cache")
         return rows, stats
@@ -108,7 +109,8 @@ def load_data(cfg: SFTConfig, tokenizer, template: str) -> Data:
     eval_rows: Sequence = []
     if cfg.eval_data:
         eval_rows, _, _ = load_sft_rows(cfg.eval_data, cfg.data_format, tokenizer, template, cfg.max_length,
-                                        on_bad_row=cfg.on_bad_row, num_proc=cfg.num_proc)
+                                        on_bad_row=cfg.on_bad_row, num_proc=cfg.num_proc,
+                                        rendering=Rendering.of(cfg))
     else:
         train, eval_rows = split_eval(train, cfg.eval_fraction, cfg.seed)
     if not train:
