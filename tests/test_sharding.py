@@ -8,7 +8,7 @@ import pytest
 
 from alignkit.data.batches import micro_batches, tail_rows
 from alignkit.training.backend import Backend
-from alignkit.training.run import describe_tail, step_stream
+from alignkit.training.data_order import describe_tail, step_stream
 
 COMBOS = [(rows, batch, world) for rows in (1, 2, 3, 5, 7, 8, 16, 17, 23) for batch in (1, 2, 3, 4)
           for world in (1, 2, 3, 4)]

@@ -5,8 +5,7 @@ import types
 
 import torch
 
-from alignkit.training.guard import StopOnSignal
-from alignkit.training.run import agree_on_stop
+from alignkit.training.guard import StopOnSignal, agree_on_stop
 
 
 def processes(count: int, others_received: int, signal_during_reduce: bool, stop: StopOnSignal):

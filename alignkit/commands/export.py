@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import RunError, UserError
-from alignkit.models.embedded import log
+from alignkit.log import log
 from alignkit.models.load import load_adapter_model, load_tokenizer
 
 

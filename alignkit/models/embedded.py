@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.errors import UserError
+from alignkit.log import log
+from alignkit.paths import cache_root
 
 
 @dataclass(frozen=True)
@@ -38,16 +40,6 @@ EMBEDDED = {
                                            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
 }
 MANIFEST = "alignkit-files.json"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit"))
-
-
-def log(message: str) -> None:
-    """A progress line on stderr, from the main process only when several run (torchrun, accelerate launch)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"alignkit: {message}", file=sys.stderr, flush=True)
 
 
 def embedded_model_path(alias: str) -> Path:

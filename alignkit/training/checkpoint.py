@@ -12,10 +12,12 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 
 from alignkit.errors import RunError
 from alignkit.models.load import no_hub_lookup
@@ -158,3 +160,62 @@ def load_training_state(checkpoint: Path, optimizer, scheduler, rank: int = 0) -
     own = checkpoint / f"rng-{rank}.pt"
     set_rng_state(torch.load(own if rank and own.is_file() else checkpoint / "rng.pt", weights_only=True))
     return json.loads((checkpoint / "state.json").read_text())
+
+
+@dataclass
+class RunState:
+    """Where a run stands; each checkpoint's state.json holds it, so that --resume continues exactly there.
+
+    `epoch` and `index` (the epoch's next micro-batch) are the data position, `counts` what the run has trained
+    so far (tokens, pairs), the seconds leave set-up out, and `total_steps` is the length the lr schedule was
+    planned for."""
+
+    counts: dict[str, int]
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    train_seconds: float = 0.0
+    step_seconds: float = 0.0
+    loss: float | None = None
+    total_steps: int | None = None
+
+    def to_json(self) -> dict:
+        """state.json's fields, the counts among them (where checkpoints have always kept them)."""
+        return {**{f.name: getattr(self, f.name) for f in fields(self) if f.name != "counts"}, **self.counts}
+
+    @classmethod
+    def from_json(cls, saved: dict, counts: tuple[str, ...]) -> RunState:
+        known = {f.name for f in fields(cls)} - {"counts"}
+        return cls({name: saved.get(name, 0) for name in counts}, **{k: v for k, v in saved.items() if k in known})
+
+
+def process_rngs(accelerator: Accelerator) -> list[dict]:
+    """Every process's RNG state, rank order, for the main process to save (called by all processes)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
+
+
+def save_step(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: RunState, keep: int,
+              backend) -> None:
+    """A checkpoint of this step: what must be gathered is gathered by every process, the main one writes.
+
+    Under DeepSpeed every process first writes its optimizer partition beside the checkpoint; the main process
+    moves that folder into it (deepspeed/), so it appears atomically with the rest."""
+    rngs = process_rngs(backend.accelerator)
+    sharded = backend.full_training_state(model, optimizer)
+    engine_state = backend.write_engine_state(model, out / "checkpoints" / f".tmp-deepspeed-step-{step}")
+    if backend.is_main:
+        save_checkpoint(out / "checkpoints", step, backend.unwrap(model), tokenizer, optimizer, scheduler,
+                        {**state.to_json(), **backend.layout_of_checkpoints()}, keep, rngs, sharded, engine_state)
+    backend.accelerator.wait_for_everyone()
+
+
+def resume_state(checkpoint: Path, optimizer, scheduler, backend, counts: tuple[str, ...]) -> RunState:
+    """Scheduler, RNG and position from `checkpoint`, and the optimizer state, except under FSDP and DeepSpeed,
+    where it can only be loaded once `prepare` has partitioned the optimizer
+    (`Backend.load_partitioned_optimizer_state`)."""
+    saved = json.loads((checkpoint / "state.json").read_text())
+    later = backend.check_resumable(checkpoint, saved)
+    saved = load_training_state(checkpoint, None if later else optimizer, scheduler, backend.rank)
+    return RunState.from_json(saved, counts)

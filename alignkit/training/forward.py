@@ -7,7 +7,7 @@ import torch
 from alignkit.data import packing
 from alignkit.data.packing import Unit, prefix_shared
 from alignkit.data.prefs import PreferenceRow
-from alignkit.losses.logprobs import final_hidden, head_logprobs, label_logprobs, output_head
+from alignkit.models.logprobs import final_hidden, head_logprobs, label_logprobs, output_head
 
 
 def unit_sequence_logps(model, unit: Unit, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,9 +11,13 @@ from __future__ import annotations
 import math
 import signal
 import threading
+from pathlib import Path
 
-from alignkit.errors import RunError
-from alignkit.models.embedded import log
+import torch
+from accelerate import Accelerator
+
+from alignkit.errors import Interrupted, RunError
+from alignkit.log import log
 
 
 class StopOnSignal:
@@ -62,3 +66,25 @@ class NonFiniteGuard:
             raise RunError(f"the loss or gradient norm was NaN/Inf for {self.limit} steps in a row (last at step "
                            f"{step}); stopped without saving, the last checkpoint is kept. Lower lr or check the data")
         return False
+
+
+def agree_on_stop(stop, accelerator: Accelerator) -> bool:
+    """Whether any process received SIGINT/SIGTERM, the same answer on all of them, once per step.
+
+    A scheduler's signal can reach the processes a step apart; the process that has it must not start saving
+    (a collective) while the others start another step, so each step ends with a max-reduce of the signal
+    number, and a process that got none adopts it. The answer is the reduced number alone: a signal that lands
+    during the reduce is seen by this process only, and counts at the next step's agreement."""
+    if accelerator.num_processes == 1:
+        return stop.received is not None
+    flag = torch.tensor(float(stop.received or 0), device=accelerator.device)
+    received = int(accelerator.reduce(flag, "max").item())
+    if received and stop.received is None:
+        stop.received = received
+    return received != 0
+
+
+def interrupt(stop, step: int, out: Path) -> Interrupted:
+    """The exception that ends a run stopped by a signal, with how to continue it."""
+    return Interrupted(f"stopped by {signal.Signals(stop.received).name} after step {step}; checkpoint saved in "
+                       f"{out / 'checkpoints'}. Run the same command with --resume to continue", stop.exit_code)

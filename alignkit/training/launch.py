@@ -19,9 +19,9 @@ import yaml
 
 from alignkit.config import to_dict
 from alignkit.errors import RunError
-from alignkit.models.embedded import log
+from alignkit.log import log
 from alignkit.training import threads
-from alignkit.training.run import check_output_dir, release_run_folder
+from alignkit.training.run_folder import check_output_dir, release_run_folder
 
 
 def wants_relaunch(cfg) -> bool:

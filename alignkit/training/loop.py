@@ -23,28 +23,16 @@ from transformers.utils import logging as hf_logging
 
 from alignkit.config import save_yaml
 from alignkit.data.batches import batch_positions
-from alignkit.models.embedded import log
-from alignkit.models.load import build_policy
-from alignkit.training import checkpointing, compiling, sparse_lookup, threads
+from alignkit.log import log
+from alignkit.models.load import build_policy, load_inputs
+from alignkit.training import compiling, recompute, sparse_lookup, threads
 from alignkit.training.backend import Backend
-from alignkit.training.checkpoint import latest_checkpoint
-from alignkit.training.guard import NonFiniteGuard, StopOnSignal
+from alignkit.training.checkpoint import RunState, latest_checkpoint, resume_state, save_step
+from alignkit.training.data_order import describe_tail, step_stream, steps_per_epoch
+from alignkit.training.guard import NonFiniteGuard, StopOnSignal, agree_on_stop, interrupt
 from alignkit.training.metrics import MetricsLog, Window, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
-from alignkit.training.run import (
-    agree_on_stop,
-    check_output_dir,
-    claim_output_dir,
-    describe_tail,
-    interrupt,
-    load_inputs,
-    release_run_folder,
-    resume_state,
-    save_final,
-    save_step,
-    step_stream,
-    steps_per_epoch,
-)
+from alignkit.training.run_folder import check_output_dir, claim_output_dir, release_run_folder, save_final
 from alignkit.training.tracking import open_tracking
 
 
@@ -105,7 +93,7 @@ class Objective(Protocol):
 
     def postfix(self, row: dict) -> dict: ...
 
-    def summary(self, state: dict, last: StepResult) -> dict: ...
+    def summary(self, state: RunState, last: StepResult) -> dict: ...
 
 
 def fit(cfg, objective: Objective):
@@ -121,7 +109,7 @@ def fit(cfg, objective: Objective):
     model_path, tokenizer, template = load_inputs(cfg)
     data = objective.load_data(tokenizer, template)  # one process tokenises at a time
     model = build_policy(cfg, model_path, checkpoint)
-    recompute = checkpointing.configure(model, cfg.activation_checkpointing,
+    recomputed = recompute.configure(model, cfg.activation_checkpointing,
                                         objective.longest_forward(data.train, backend.device), backend.device,
                                         half=backend.half or cfg.dtype == "bf16",
                                         extra_bytes=objective.reserved_bytes(model))
@@ -140,52 +128,51 @@ def fit(cfg, objective: Objective):
         compiling.configure(frozen, "on", total_steps, backend.device, False)
 
     # The data position (epoch, index of the next micro-batch) is what makes a resume continue mid-epoch.
-    state = {"step": 0, "epoch": 0, "index": 0, **dict.fromkeys(objective.counts, 0), "train_seconds": 0.0,
-             "step_seconds": 0.0}
+    state = RunState(dict.fromkeys(objective.counts, 0))
     if checkpoint is not None:
-        state = resume_state(checkpoint, optimizer, scheduler, backend)
-        log(f"resuming from {checkpoint} (step {state['step']})")
-        if state.get("total_steps", total_steps) != total_steps:
-            log(f"the run now has {total_steps} steps instead of {state['total_steps']}: the lr schedule continues "
+        state = resume_state(checkpoint, optimizer, scheduler, backend, objective.counts)
+        log(f"resuming from {checkpoint} (step {state.step})")
+        if state.total_steps not in (None, total_steps):
+            log(f"the run now has {total_steps} steps instead of {state.total_steps}: the lr schedule continues "
                 "from the checkpoint's position, not from a schedule planned for the new length")
-    state["total_steps"] = total_steps
+    state.total_steps = total_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before ZeRO-3 partitions them
     model, optimizer = backend.prepare(model, optimizer, cfg.batch_size, cfg.max_grad_norm)
     sparse_lookup.configure(model, backend)
     if checkpoint is not None:
         backend.load_partitioned_optimizer_state(checkpoint, model, optimizer)
     model.train()
-    metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state["step"], tracking=open_tracking(cfg, out))
+    metrics = (MetricsLog(out / "metrics.jsonl", keep_until_step=state.step, tracking=open_tracking(cfg, out))
                if backend.is_main else None)
     log(f"{len(data.train)} training rows, {len(data.eval)} eval rows, {total_steps} steps, global batch "
         f"{cfg.batch_size} x {backend.world} processes x {cfg.grad_accum} accumulation ({backend.describe()}), "
         f"{trainable:,} trainable parameters, {objective.describe(backend.device)}, precision "
-        f"{backend.accelerator.mixed_precision}, activation checkpointing {recompute}, compile {compiled}")
+        f"{backend.accelerator.mixed_precision}, activation checkpointing {recomputed}, compile {compiled}")
     if tail := describe_tail(len(data.train), cfg.batch_size, backend.world):
         log(tail)
 
-    stream = step_stream(data.train, cfg, state["epoch"], state["index"], backend.rank, backend.world)
+    stream = step_stream(data.train, cfg, state.epoch, state.index, backend.rank, backend.world)
     filler = objective.units([[data.train[0]]], "train")[0]
-    progress = tqdm(total=total_steps, initial=state["step"], disable=not backend.is_main, desc=objective.name,
+    progress = tqdm(total=total_steps, initial=state.step, disable=not backend.is_main, desc=objective.name,
                     unit="step", dynamic_ncols=True)
-    train_start = time.time() - state["train_seconds"]
+    train_start = time.time() - state.train_seconds
     window = Window()
     last = StepResult({}, 0.0)
     eval_result: dict = {}
     guard = NonFiniteGuard(cfg.max_bad_steps)
     with StopOnSignal() as stop:
-        while state["step"] < total_steps:
+        while state.step < total_steps:
             batches, epoch, index = next(stream)
             began = time.time()
             last, grad_norm, lr, applied = train_step(model, objective, batches, filler, optimizer, scheduler, cfg,
-                                                      backend, guard, state["step"] + 1)
+                                                      backend, guard, state.step + 1)
             seconds = time.time() - began
-            state.update(step=state["step"] + 1, epoch=epoch, index=index, loss=last.means["loss"],
-                         step_seconds=state["step_seconds"] + seconds)
+            state.step, state.epoch, state.index, state.loss = state.step + 1, epoch, index, last.means["loss"]
+            state.step_seconds += seconds
             for name in objective.counts:
-                state[name] += last.counts[name]
+                state.counts[name] += last.counts[name]
             window.add(last.means, last.weight, last.counts, seconds, applied)
-            step = state["step"]
+            step = state.step
             progress.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 row = {"step": step, "epoch": round(step / per_epoch, 4), **window.row(), "lr": lr,
@@ -203,7 +190,7 @@ def fit(cfg, objective: Objective):
             stopping = agree_on_stop(stop, backend.accelerator)
             threads.adjust()  # another run may have started or ended on this machine
             if (due and guard.in_a_row == 0) or stopping:  # never checkpoint in the middle of a NaN streak
-                state["train_seconds"] = time.time() - train_start
+                state.train_seconds = time.time() - train_start
                 save_step(out, step, model, tokenizer, optimizer, scheduler, state, cfg.save_total_limit, backend)
             if stopping:
                 progress.close()
@@ -212,8 +199,8 @@ def fit(cfg, objective: Objective):
     train_seconds = time.time() - train_start
     final = save_final(model, tokenizer, out, backend)
     summary = {
-        "final_loss": state.get("loss"),
-        "steps": state["step"],
+        "final_loss": state.loss,
+        "steps": state.step,
         **objective.summary(state, last),
         "peak_memory_mib": round(peak_memory_mib(backend.device), 1),
         "rows": {"used": len(data.train), "eval": len(data.eval), **data.rows},
@@ -228,7 +215,7 @@ def fit(cfg, objective: Objective):
     if backend.is_main:
         metrics.close()
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        log(f"done: {state['step']} steps, final loss {summary['final_loss']}, {summary['tokens_per_s']} "
+        log(f"done: {state.step} steps, final loss {summary['final_loss']}, {summary['tokens_per_s']} "
             f"tokens/s; model in {final}")
     release_run_folder(out)
     hf_logging.enable_progress_bar()

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from alignkit.data.prefs import PreferenceRow
 from alignkit.data.sources import file_fingerprint
 from alignkit.data.store import StoredRows
-from alignkit.models.embedded import cache_root, log
+from alignkit.log import log
 from alignkit.models.load import load_model, resolve_model
+from alignkit.paths import cache_root
 from alignkit.training.backend import Backend
 from alignkit.training.forward import pair_logps
 

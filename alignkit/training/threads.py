@@ -36,7 +36,7 @@ def user_chose() -> bool:
 
 
 def registry() -> Path:
-    from alignkit.models.embedded import cache_root
+    from alignkit.paths import cache_root
 
     return cache_root() / "live"
 

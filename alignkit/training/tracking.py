@@ -16,6 +16,7 @@ The run ids of W&B and MLflow are kept in RUN/tracking.json, so `--resume` conti
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import importlib.util
 import json
 import math
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.errors import RunError, UserError
-from alignkit.models.embedded import log
+from alignkit.log import log
 
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 IDS_FILE = "tracking.json"
@@ -174,10 +175,8 @@ def open_tracking(cfg, out: Path) -> Tracking | None:
     """The trackers `cfg.report_to` names, with the resolved config as parameters; None when there are none."""
     if not cfg.report_to:
         return None
-    from alignkit.config import to_dict
-
     require_packages(cfg.report_to)
-    config = to_dict(cfg)
+    config = dataclasses.asdict(cfg)
     ids_path = out / IDS_FILE
     ids = json.loads(ids_path.read_text()) if cfg.resume and ids_path.is_file() else {}
     trackers: list = []

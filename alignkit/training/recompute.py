@@ -1,4 +1,4 @@
-"""Activation checkpointing (transformers' "gradient checkpointing") only when memory requires it.
+"""Activation recomputation (transformers' "gradient checkpointing") only when memory requires it.
 
 Checkpointing a decoder layer keeps only its input for the backward pass and recomputes the rest: about a
 third more compute for the checkpointed layers. `auto` estimates what training still has to allocate once the
@@ -20,7 +20,7 @@ from alignkit.models.load import transformers_model
 from alignkit.training.memory_plan import ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER
 
 MARGIN = 0.9
-HEAD_CHUNK = 1024  # positions whose logits exist at once (alignkit.losses.logprobs): fp32 logits, softmax, grad
+HEAD_CHUNK = 1024  # positions whose logits exist at once (alignkit.models.logprobs): fp32 logits, softmax, grad
 
 
 def free_memory(device: torch.device) -> float:

@@ -9,16 +9,16 @@ from safetensors.torch import load_file
 
 from alignkit.api import make_dpo_config, make_sft_config
 from alignkit.recipes import dpo, sft
-from alignkit.training import checkpointing
+from alignkit.training import recompute
 from tests.conftest import write_jsonl
 
 
 def test_every_n_layers_checkpoints_as_few_layers_as_fit():
     gib = 2 ** 30
-    assert checkpointing.every_n_layers(1 * gib, 2 * gib, 10 * gib) is None  # 3 of the 9 usable GiB
-    assert checkpointing.every_n_layers(1 * gib, 16 * gib, 10 * gib) == 2  # half of 16 GiB fits in 8
-    assert checkpointing.every_n_layers(1 * gib, 9 * gib, 10 * gib) == 8  # 7/8 of 9 fits in 8
-    assert checkpointing.every_n_layers(9 * gib, 16 * gib, 10 * gib) == 1  # nothing fits: every layer
+    assert recompute.every_n_layers(1 * gib, 2 * gib, 10 * gib) is None  # 3 of the 9 usable GiB
+    assert recompute.every_n_layers(1 * gib, 16 * gib, 10 * gib) == 2  # half of 16 GiB fits in 8
+    assert recompute.every_n_layers(1 * gib, 9 * gib, 10 * gib) == 8  # 7/8 of 9 fits in 8
+    assert recompute.every_n_layers(9 * gib, 16 * gib, 10 * gib) == 1  # nothing fits: every layer
 
 
 def checkpointed_layers(model) -> list[bool]:
@@ -59,7 +59,7 @@ def test_dpo_lora_with_checkpointing_gives_the_same_metrics(tmp_path, tiny_model
 
 @pytest.mark.parametrize("free_gib, expected", [(64.0, "off (activations fit in memory)"), (1e-4, "every layer")])
 def test_auto_decides_from_the_free_memory(tmp_path, tiny_model_dir, monkeypatch, capsys, free_gib, expected):
-    monkeypatch.setattr(checkpointing, "free_memory", lambda device: free_gib * 2 ** 30)
+    monkeypatch.setattr(recompute, "free_memory", lambda device: free_gib * 2 ** 30)
     data = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Hi", "completion": "there"}])
     _, model, _ = sft.train(make_sft_config(model=str(tiny_model_dir), data=[str(data)], dtype="fp32", max_steps=1,
                                             save_steps=0, output_dir=str(tmp_path / "out")))
