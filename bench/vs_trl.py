@@ -2,6 +2,7 @@
 
     python bench/vs_trl.py --mode sft [--lora] [--quick] [--model smollm2-135m-instruct] [--steps 6]
     python bench/vs_trl.py --mode dpo [--lora] [--quick]
+    python bench/vs_trl.py --mode sft --baseline ../alignkit-before   # also an older checkout, back to back
 
 Each tool runs in its own subprocess (so peak RSS is its own): alignkit, TRL with its defaults, and TRL tuned as
 a speed-aware user would (no gradient checkpointing, bf16, padding-free where it accepts it). The synthetic data
@@ -159,8 +160,8 @@ def run_trl(args, rows_path: Path, out: Path, tuned: bool) -> dict:
 def worker(args) -> None:
     out = Path(args.workdir)
     rows_path = out / "rows.jsonl"
-    if args.worker == "alignkit":
-        result = run_alignkit(args, rows_path, out / "alignkit")
+    if args.worker in ("alignkit", "alignkit-baseline"):
+        result = run_alignkit(args, rows_path, out / args.worker)
     else:
         result = run_trl(args, rows_path, out / args.worker, tuned=args.worker == "trl-tuned")
     result["peak_rss_mib"] = peak_rss_mib()
@@ -209,6 +210,9 @@ def main() -> None:
                         help="alignkit's compile setting (default: %(default)s: the measured steps stand for a long "
                              "run, where auto compiles; compiling happens in the warm-up steps)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--baseline", type=Path,
+                        help="also run the alignkit checkout in this folder (e.g. a git worktree of the commit before "
+                             "a change), right after this one, and print their ratio")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,7 +240,9 @@ def main() -> None:
     with __import__("torch").device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(resolve_model(args.model))).parameters())
-    tools = ["alignkit", "trl-tuned"] + ([] if args.quick else ["trl-defaults"])
+    tools = (["alignkit"] + (["alignkit-baseline"] if args.baseline else []) + ["trl-tuned"] +
+             ([] if args.quick else ["trl-defaults"]))
+    here = Path(__file__).resolve().parents[1]
     results = {}
     for tool in tools:
         command = [sys.executable, __file__, "--worker", tool, "--workdir", str(workdir), "--mode", args.mode,
@@ -245,7 +251,9 @@ def main() -> None:
         command += ["--lora"] if args.lora else []
         command += ["--padding-free"] if args.padding_free else []
         print(f"running {tool} ...", flush=True)
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        source = args.baseline.resolve() if tool == "alignkit-baseline" else here
+        done = subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(source)})
         if done.returncode != 0:
             print(f"{tool} failed:\n{done.stderr[-3000:]}")
             continue
@@ -256,7 +264,7 @@ def main() -> None:
     print(f"\nmode {args.mode}{' + LoRA' if args.lora else ''}, {args.format} rows, model {args.model} "
           f"({n_params / 1e6:.1f}M params, vocabulary {config.get('vocab_size')}), batch 4, max_length 512, "
           f"{args.steps} measured steps after {args.warmup} warm-up, alignkit compile {args.compile}")
-    print(f"{'tool':<14}{'tokens/s':>10}{'pairs/s':>9}{'peak RSS MiB':>14}{'MFU %':>7}{'first loss':>12}"
+    print(f"{'tool':<18}{'tokens/s':>10}{'pairs/s':>9}{'peak RSS MiB':>14}{'MFU %':>7}{'first loss':>12}"
           f"{'start-up s':>12}")
     for tool, r in results.items():
         # Model FLOPs (attention excluded): 6N per token through forward+backward, 2N per reference token.
@@ -270,10 +278,10 @@ def main() -> None:
             flops = (6 + 2) * n_params * r["tokens_per_s"]
         r["mfu"] = flops / peak
         pairs = f"{r['pairs_per_s']:.3f}" if r["pairs_per_s"] is not None else "-"
-        print(f"{tool:<14}{r['tokens_per_s']:>10.1f}{pairs:>9}{r['peak_rss_mib']:>14.0f}{100 * r['mfu']:>7.1f}"
+        print(f"{tool:<18}{r['tokens_per_s']:>10.1f}{pairs:>9}{r['peak_rss_mib']:>14.0f}{100 * r['mfu']:>7.1f}"
               f"{r['first_loss']:>12.4f}{r['startup_s']:>12.1f}")
     ours = results.get("alignkit")
-    for tool in ("trl-tuned", "trl-defaults"):
+    for tool in ("alignkit-baseline", "trl-tuned", "trl-defaults"):
         if ours and tool in results:
             theirs = results[tool]
             key = "pairs_per_s" if args.mode == "dpo" else "tokens_per_s"
