@@ -21,7 +21,7 @@ from alignkit.data.mixture import Source, mix
 from alignkit.data.sources import Row, read_rows
 from alignkit.data.store import StoredRows, concat, lengths, trained_counts
 from alignkit.data.tokenize import IGNORE
-from alignkit.errors import UserError
+from alignkit.errors import RunError, UserError
 from tests.conftest import CHATML, write_jsonl
 
 SEPARATORS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c\r"
@@ -173,6 +173,24 @@ def test_under_workers_the_first_bad_row_in_file_order_is_named(tmp_path, tokeni
         with pytest.raises(UserError, match=r"rows.jsonl:14: field 'completion' must be text"):
             load_sft_rows([str(path)], "auto", tokenizer, CHATML, 512, num_proc=num_proc)
     assert not stores_in(tmp_path / "alignkit-cache")  # nothing half-built is left behind
+
+
+def test_a_worker_that_dies_ends_the_build_in_one_line_instead_of_hanging(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(engine, "CHUNK_ROWS", 4)
+    path = write_jsonl(tmp_path / "rows.jsonl", mixed_rows(40))
+    parent, plain = os.getpid(), engine.encode_chunk
+
+    def killed_in_a_worker(job, rows):  # what the kernel's out-of-memory killer does to a worker
+        if os.getpid() != parent and int(rows[0].origin.rsplit(":", 1)[1]) > 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return plain(job, rows)
+
+    monkeypatch.setattr(engine, "encode_chunk", killed_in_a_worker)  # the forked workers inherit it
+    started = time.time()
+    with pytest.raises(RunError, match=r"a tokenising worker process died .* \(--num-proc 1\)"):
+        load_sft_rows([str(path)], "auto", tokenizer, CHATML, 512, num_proc=2)
+    assert time.time() - started < 60
+    assert not stores_in(tmp_path / "alignkit-cache")
 
 
 def test_a_file_that_breaks_off_stops_after_the_rows_before_it(tmp_path, tokenizer, monkeypatch):

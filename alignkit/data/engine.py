@@ -16,6 +16,8 @@ import os
 import signal
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from alignkit.data.formats import to_example
 from alignkit.data.sources import iter_rows
 from alignkit.data.store import StoreWriter, TokenStore
 from alignkit.data.tokenize import KEEP, PLAIN, Rendering, count_encoded, count_repairs, encode_examples, keep_example
-from alignkit.errors import UserError
+from alignkit.errors import RunError, UserError
 
 CHUNK_ROWS = 256
 # Inputs smaller than this are tokenised in this process: starting worker processes (each imports the
@@ -275,19 +277,18 @@ def _in_workers(paths: list[str], job: Job, num_proc: int) -> Iterator[Chunk]:
     """Chunks encoded by a pool, yielded in reading order; at most 2 chunks per worker are in flight, so the
     reader never runs ahead of tokenisation by more than that."""
     with _worker_environment():
-        pool = _context().Pool(num_proc, initializer=_start_worker, initargs=(job,))
+        pool = ProcessPoolExecutor(num_proc, mp_context=_context(), initializer=_start_worker, initargs=(job,))
     try:
         pending: deque = deque()
         for item in _chunks(paths):
             pending.append(Chunk(error=str(item)) if isinstance(item, UserError)
-                           else pool.apply_async(_encode_in_worker, (item,)))
+                           else pool.submit(_encode_in_worker, item))
             while len(pending) > 2 * num_proc:
-                yield _result(pending.popleft())
+                yield _result(pending.popleft(), num_proc)
         while pending:
-            yield _result(pending.popleft())
+            yield _result(pending.popleft(), num_proc)
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _context():
@@ -297,8 +298,17 @@ def _context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _result(item) -> Chunk:
-    return item if isinstance(item, Chunk) else item.get()
+def _result(item, num_proc: int) -> Chunk:
+    """A chunk's result; a worker that died (the kernel's out-of-memory killer, a signal) ends the build with
+    one line instead of leaving the others waiting for its chunk forever."""
+    if isinstance(item, Chunk):
+        return item
+    try:
+        return item.result()
+    except BrokenProcessPool:
+        raise RunError(f"a tokenising worker process died (out of memory?) while {num_proc} were running; run "
+                       f"again with fewer (--num-proc {max(1, num_proc // 2)}): the rows tokenised so far are "
+                       "not kept") from None
 
 
 def encode_rows(job: Job, rows: list) -> tuple[list, Any]:
