@@ -81,11 +81,13 @@ COMMANDS = {
                     "Chat with a model in the terminal; the conversation so far is sent with each turn. "
                     "/reset forgets it, /exit (or Ctrl-D) leaves."),
     "eval": Command(EvalConfig, "alignkit.commands.evaluate",
-                    "loss/perplexity, preference accuracies, or sampled rewards, win rate and KL",
+                    "loss/perplexity, preference accuracies, sampled rewards, win rate and KL, or a benchmark",
                     "Evaluate a model: --data SFT rows → mean token loss and perplexity on completion tokens; "
                     "--data preference rows → implicit-reward and log-prob accuracies and margins; --prompts with "
                     "--reward → mean reward, win rate against --baseline (and --judge) and KL to the reference; "
-                    "--benchmark humaneval → pass@k with 95% intervals."),
+                    "--benchmark humaneval → pass@k with 95% intervals; --benchmark mt-bench --judge J → "
+                    "MT-Bench answers graded 1-10 by the local model J per category (and pairwise against "
+                    "--baseline); a local judge is not GPT-4, so these are not leaderboard figures."),
     "export": Command(ExportConfig, "alignkit.commands.export",
                       "merge a LoRA adapter into its base and save a standalone model (transformers, vLLM, GGUF)",
                       "Export RUN/final as a standalone Hugging Face model: LoRA merged (its logits checked "

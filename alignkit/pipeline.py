@@ -5,7 +5,10 @@ A plan (see docs/data-mixtures.md):
     model: smollm2-135m-instruct      # where the first stage starts
     output_dir: runs/dmt              # one folder per stage inside: 01-NAME, 02-NAME, ...
     defaults: {lr: 1e-4, epochs: 2}   # fields every stage gets unless it sets them
-    evals: {math: evals/math.jsonl}   # optional: scored after every stage (alignkit.eval.abilities)
+    evals:                            # optional: scored after every stage (alignkit.eval.abilities)
+      math: evals/math.jsonl
+      code: {benchmark: humaneval, limit: 20}                            # greedy pass@1
+      chat: {benchmark: mt-bench, limit: 8, judge: smollm2-135m-instruct}  # mean 1-10 grade
     eval_base: true                   # also score the starting model (folder 00-base)
     stages:
       - {name: specialists, method: sft, data: [math.jsonl, code.jsonl]}
@@ -19,6 +22,7 @@ one from its newest checkpoint; the stages after a stage that trained again trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -114,13 +118,13 @@ def check_stages(stages: list[Stage], where: str) -> None:
 # ---------------------------------------------------------------- running it
 
 def run(cfg) -> dict:
-    from alignkit.eval.abilities import load_tasks
+    from alignkit.eval.abilities import eval_set, load_set
 
     plan, out, stages = read_plan(cfg)
     check_stages(stages, str(cfg.plan))
-    evals = {str(k): str(v) for k, v in (plan.get("evals") or {}).items()}
-    for path in evals.values():
-        load_tasks(path)  # a bad evaluation row stops the pipeline now, not after hours of training
+    evals = {str(k): eval_set(v, f"{cfg.plan}: evals.{k}") for k, v in (plan.get("evals") or {}).items()}
+    for spec in evals.values():
+        load_set(spec)  # a bad evaluation row stops the pipeline now, not after hours of training
     _claim(out, cfg, Path(cfg.plan).read_text(encoding="utf-8"))
 
     report: dict[str, Any] = {"plan": str(cfg.plan), "output_dir": str(out), "stages": []}
@@ -145,7 +149,7 @@ def run(cfg) -> dict:
         report["stages"].append(entry)
         _write_json(out / "pipeline.json", report)
     if evals:
-        table = abilities_table(report, list(evals))
+        table = abilities_table(report, list(evals)) + judge_notes(evals)
         (out / "abilities.md").write_text(table, encoding="utf-8")
         print(table)
     log(f"pipeline done: {len(stages)} stages in {out}")
@@ -207,9 +211,20 @@ def _same_config(folder: Path, config) -> None:
                         "run with --overwrite to start the pipeline again")
 
 
-def score_stage(model: str, folder: Path, evals: dict[str, str], plan: dict) -> dict[str, float]:
+def set_fingerprint(spec) -> Any:
+    """What a set's scores depend on: its file; a benchmark's settings, data copy and judge model files."""
+    from alignkit.data.sources import file_fingerprint
+    from alignkit.models.load import resolve_model
+
+    if isinstance(spec, str):
+        return file_fingerprint([spec])
+    return {**dataclasses.asdict(spec), "data_files": file_fingerprint([spec.data]) if spec.data else "fetched",
+            "judge_files": file_fingerprint([str(resolve_model(spec.judge))]) if spec.judge else None}
+
+
+def score_stage(model: str, folder: Path, evals: dict, plan: dict) -> dict[str, float | None]:
     """Ability scores of a stage's model, kept in FOLDER/abilities.json; reused only while the model's files,
-    the evaluation files and the reply length are what they were."""
+    the evaluation sets (a benchmark's settings and judge) and the reply length are what they were."""
     from alignkit.data.sources import file_fingerprint
     from alignkit.eval.abilities import evaluate_sets
     from alignkit.models.load import load_model, load_tokenizer, resolve_model
@@ -217,7 +232,7 @@ def score_stage(model: str, folder: Path, evals: dict[str, str], plan: dict) -> 
     path = resolve_model(model)
     max_new_tokens = int(plan.get("eval_max_new_tokens", 256))
     inputs = {"model": model, "model_files": file_fingerprint([str(path)]), "max_new_tokens": max_new_tokens,
-              "sets": {name: file_fingerprint([file]) for name, file in evals.items()}}
+              "sets": {name: set_fingerprint(spec) for name, spec in evals.items()}}
     saved = folder / "abilities.json"
     if saved.is_file():
         stored = json.loads(saved.read_text())
@@ -234,8 +249,20 @@ def abilities_table(report: dict, names: list[str]) -> str:
     rows = ([("base", report["base"]["abilities"])] if "base" in report else []) + [
         (s["name"], s["abilities"]) for s in report["stages"]]
     lines = ["| stage | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{scores[n]:.3f}" for n in names) + " |" for name, scores in rows]
+    # a judge that gave no usable grade leaves an mt-bench score empty rather than zero
+    lines += [f"| {name} | " + " | ".join("-" if scores[n] is None else f"{scores[n]:.3f}" for n in names) + " |"
+              for name, scores in rows]
     return "\n".join(lines) + "\n"
+
+
+def judge_notes(evals: dict) -> str:
+    """Under the table, for each mt-bench column: what its numbers are and why they are not leaderboard ones."""
+    from alignkit.eval.mtbench import caveat
+
+    notes = [f"\n{name}: MT-Bench mean grade 1-10 ({spec.limit or 'all'} questions); "
+             f"{caveat(spec.judge)}.\n" for name, spec in evals.items()
+             if not isinstance(spec, str) and spec.benchmark == "mt-bench"]
+    return "".join(notes)
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -183,3 +183,67 @@ def test_a_stage_trained_again_makes_the_stages_after_it_train_again(tmp_path, t
     assert "02-two: trained again, as the stage before it was" in capsys.readouterr().err
     assert (out / "02-two" / "final" / "model.safetensors").stat().st_mtime_ns != two
     assert (out / "02-two" / "abilities.json").stat().st_mtime_ns != scored  # a new model is scored again
+
+
+def benchmark_evals(tmp_path, judge, chat_limit=2) -> dict:
+    from tests.test_humaneval import PROBLEMS
+    from tests.test_mtbench import write_data
+
+    problems = write_jsonl(tmp_path / "humaneval.jsonl", PROBLEMS)
+    questions = write_data(tmp_path / "mt-bench")
+    return {"code": {"benchmark": "humaneval", "data": str(problems), "limit": 2},
+            "chat": {"benchmark": "mt-bench", "data": str(questions), "limit": chat_limit, "judge": judge,
+                     "judge_max_new_tokens": 3}}
+
+
+def test_humaneval_and_mt_bench_are_ability_scorers(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "rows.jsonl", sft_rows("x", 4))
+    stages = [{"name": "one", "method": "sft", "data": [str(data)], "max_steps": 1}]
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), evals=benchmark_evals(tmp_path, str(tiny_model_dir)),
+                      eval_base=True, eval_max_new_tokens=4, stages=stages)
+    assert main(["pipeline", plan]) == 0
+    out = tmp_path / "pipe"
+    table = (out / "abilities.md").read_text()
+    assert table.splitlines()[0] == "| stage | chat | code |"  # the plan's order (write_plan sorts keys)
+    assert "chat: MT-Bench mean grade 1-10 (2 questions)" in table and "not GPT-4" in table
+    for folder, row in zip(("00-base", "01-one"), table.splitlines()[2:4], strict=True):
+        results = json.loads((out / folder / "abilities.json").read_text())["results"]
+        code_file = out / folder / "abilities-samples-code.jsonl"
+        samples = [json.loads(line) for line in code_file.read_text().splitlines()]
+        assert results["code"]["score"] == sum(s["passed"] for s in samples) / 2 and results["code"]["rows"] == 2
+        answers = (out / folder / "abilities-samples-chat.jsonl").read_text().splitlines()
+        chat = results["chat"]
+        assert len(answers) == 4 and chat["judged"] + chat["missing"] == 4 and chat["rows"] == 2
+        shown = "-" if chat["score"] is None else f"{chat['score']:.3f}"
+        assert row == f"| {folder[3:]} | {shown} | {results['code']['score']:.3f} |"
+    scored = (out / "01-one" / "abilities.json").stat().st_mtime_ns
+    assert main(["pipeline", plan, "--resume"]) == 0
+    assert (out / "01-one" / "abilities.json").stat().st_mtime_ns == scored  # same sets, same judge: reused
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), evals=benchmark_evals(tmp_path, str(tiny_model_dir), 1),
+                      eval_base=True, eval_max_new_tokens=4, stages=stages)
+    assert main(["pipeline", plan, "--resume"]) == 0
+    assert json.loads((out / "01-one" / "abilities.json").read_text())["results"]["chat"]["rows"] == 1
+
+
+@pytest.mark.parametrize("chat, message", [
+    ({"benchmark": "mt-bench"}, "evals.chat: mt-bench needs 'judge'"),
+    ({"benchmark": "mmlu"}, "evals.chat: 'benchmark' must be one of humaneval, mt-bench, got 'mmlu'"),
+    ({"benchmark": "humaneval", "limt": 3}, "evals.chat: unknown key 'limt' (did you mean 'limit'?)"),
+    ({"benchmark": "humaneval", "limit": 0}, "evals.chat: 'limit' must be a whole number > 0, got 0"),
+    ({"limit": 3}, "evals.chat: 'benchmark' is required"),
+    ({"benchmark": "mt-bench", "judge": "/no/such/judge", "data": "DATA"}, "/no/such/judge: model not found"),
+    ({"benchmark": "mt-bench", "judge": "JUDGE", "data": "/no/such/data"}, "/no/such/data: no such MT-Bench data"),
+    (7, "evals.chat: an evaluation set is a file of rows or {benchmark: humaneval | mt-bench, ...}, got 7"),
+])
+def test_a_bad_benchmark_set_stops_the_pipeline_before_anything_trains(tmp_path, tiny_model_dir, capsys, chat,
+                                                                      message):
+    data = write_jsonl(tmp_path / "rows.jsonl", sft_rows("x", 4))
+    folder = str(benchmark_evals(tmp_path, "unused")["chat"]["data"])
+    if isinstance(chat, dict):
+        chat = {k: {"DATA": folder, "JUDGE": str(tiny_model_dir)}.get(v, v) for k, v in chat.items()}
+    plan = write_plan(tmp_path, model=str(tiny_model_dir), evals={"chat": chat},
+                      stages=[{"name": "one", "method": "sft", "data": [str(data)], "max_steps": 1}])
+    assert main(["pipeline", plan]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1]
+    assert not (tmp_path / "pipe").exists()

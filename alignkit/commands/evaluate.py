@@ -5,7 +5,9 @@
   fraction with ℓθ(chosen) > ℓθ(rejected) (no reference), `reward_margin` and `logp_margin` their mean gaps.
 - Abilities (`--abilities math=FILE code=FILE ...`): the fraction of rows each set's scorer passes on greedy
   replies (math exact match, code unit tests, general checks; see alignkit/eval/abilities.py).
-- Benchmarks (`--benchmark humaneval`): pass@1 and pass@k with 95% intervals (alignkit/eval/humaneval.py).
+- Benchmarks: `--benchmark humaneval` → pass@1 and pass@k with 95% intervals (alignkit/eval/humaneval.py);
+  `--benchmark mt-bench --judge J [--baseline B]` → the judge's mean 1-10 grade per category and overall, and
+  win/tie/loss against the baseline from both answer orders (alignkit/eval/mtbench.py).
 - Prompts + reward: `mean_reward` over n samples per prompt, `win_rate` against --baseline (ties ½),
   `kl_to_reference` = mean Σ_t log π − log π_ref over the model's own samples (see alignkit/eval/kl.py).
 """
@@ -146,19 +148,68 @@ def ability_sets(entries: list[str]) -> dict[str, str]:
     return sets
 
 
-def eval_benchmark(model, tokenizer, cfg) -> dict:
-    from alignkit.eval import humaneval
+BENCHMARKS = ("humaneval", "mt-bench")
 
-    if cfg.benchmark != "humaneval":
-        raise UserError(f"'benchmark' must be humaneval, got {cfg.benchmark!r}")
+
+def eval_benchmark(model, tokenizer, cfg) -> dict:
+    if cfg.benchmark not in BENCHMARKS:
+        raise UserError(f"'benchmark' must be one of {', '.join(BENCHMARKS)}, got {cfg.benchmark!r}")
     if cfg.limit is not None and cfg.limit <= 0:
         raise UserError(f"'limit' must be > 0, got {cfg.limit}")
-    problems = humaneval.load_problems(cfg.benchmark_data, cfg.limit)
     samples = Path(cfg.samples or f"{cfg.benchmark}-samples.jsonl")
-    result = humaneval.evaluate(model, tokenizer, problems, n=cfg.n or 1, temperature=cfg.temperature or 0.0,
-                                max_new_tokens=cfg.max_new_tokens or 512, seed=cfg.seed, samples_file=samples)
+    run_one = eval_humaneval if cfg.benchmark == "humaneval" else eval_mtbench
+    result = run_one(model, tokenizer, cfg, samples)
     result["samples_file"] = str(samples)
     return result
+
+
+def eval_humaneval(model, tokenizer, cfg, samples: Path) -> dict:
+    from alignkit.eval import humaneval
+
+    problems = humaneval.load_problems(cfg.benchmark_data, cfg.limit)
+    return humaneval.evaluate(model, tokenizer, problems, n=cfg.n or 1, temperature=cfg.temperature or 0.0,
+                              max_new_tokens=cfg.max_new_tokens or 512, seed=cfg.seed, samples_file=samples)
+
+
+def eval_mtbench(model, tokenizer, cfg, samples: Path) -> dict:
+    from alignkit.eval import mtbench
+
+    if not cfg.judge:
+        raise UserError("--benchmark mt-bench needs --judge M: the local model that grades the answers (it may be "
+                        "--model itself)")
+    if cfg.n not in (None, 1):
+        raise UserError(f"--benchmark mt-bench answers each question once; got --n {cfg.n}")
+    bench = mtbench.load_bench(cfg.benchmark_data, cfg.limit)  # every file checked before any model answers
+    def loaded(spec: str):
+        return (model, tokenizer) if spec == cfg.model else load_for_eval(spec)
+
+    judge = loaded(cfg.judge)
+    baseline = loaded(cfg.baseline) if cfg.baseline else None
+    return mtbench.evaluate(model, tokenizer, bench, judge, cfg.judge, baseline,
+                            max_new_tokens=cfg.max_new_tokens or 1024, judge_max_new_tokens=cfg.judge_max_new_tokens,
+                            temperature=cfg.temperature or 0.0, seed=cfg.seed, answers_file=samples)
+
+
+def print_section(name: str, values: dict, indent: str = "") -> None:
+    """`name:` then one line per value; a mapping of plain values on one line, a deeper one as a section."""
+    print(f"{indent}{name}:")
+    for key, value in values.items():
+        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+            print_section(key, value, indent + "  ")
+        else:
+            print(f"{indent}  {key:<22}{shown(value)}")
+
+
+def shown(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list) and value and all(isinstance(v, float) for v in value):
+        return "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
+    if isinstance(value, dict):
+        return "  ".join(f"{k} {shown(v)}" for k, v in value.items())
+    return str(value)
 
 
 def run(cfg) -> dict:
@@ -172,8 +223,9 @@ def run(cfg) -> dict:
         is_prefs = "chosen" in first and "rejected" in first
         results["preferences" if is_prefs else "sft"] = (eval_preferences if is_prefs else eval_sft)(
             model, tokenizer, template, cfg)
-    if cfg.judge and not (cfg.prompts and cfg.baseline):
-        raise UserError("--judge compares against --baseline on --prompts: give all three")
+    if cfg.judge and not (cfg.prompts and cfg.baseline) and cfg.benchmark != "mt-bench":
+        raise UserError("--judge compares against --baseline on --prompts (give all three) or grades "
+                        "--benchmark mt-bench")
     if cfg.prompts:
         results["sampled"] = eval_prompts(model, tokenizer, cfg)
     if cfg.abilities:
@@ -183,11 +235,7 @@ def run(cfg) -> dict:
         results[cfg.benchmark] = eval_benchmark(model, tokenizer, cfg)
     for section, values in results.items():
         if isinstance(values, dict):
-            print(f"{section}:")
-            for key, value in values.items():
-                if isinstance(value, list) and all(isinstance(v, float) for v in value):
-                    value = "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
-                print(f"  {key:<22}{value:.4f}" if isinstance(value, float) else f"  {key:<22}{value}")
+            print_section(section, values)
     if cfg.output:
         Path(cfg.output).write_text(json.dumps(results, indent=1))
     return results

