@@ -289,7 +289,8 @@ def main() -> None:
                   f"x{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}, first-loss difference "
                   f"{abs(ours['first_loss'] - theirs['first_loss']):.2e}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "results": results}, indent=1,
+                                              default=str))
 
 
 if __name__ == "__main__":

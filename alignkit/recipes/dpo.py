@@ -25,12 +25,10 @@ from alignkit.data.tokenize import PLAIN, Rendering
 from alignkit.errors import UserError
 from alignkit.log import log
 from alignkit.losses import mean_nll, pair_losses
-from alignkit.training import reference
+from alignkit.training import loop, reference
 from alignkit.training.data_order import split_eval
 from alignkit.training.forward import pair_logps
-from alignkit.training.launch import relaunch, wants_relaunch
-from alignkit.training.loop import Data, StepResult, fit
-from alignkit.training.run_folder import releases_run_folder_on_error
+from alignkit.training.loop import Data, StepResult
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
            "logps/rejected")
@@ -202,12 +200,9 @@ def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[Seque
 
 def run(cfg: DPOConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
-    if wants_relaunch(cfg):
-        return relaunch(cfg, "dpo")
-    return train(cfg)[0]
+    return loop.run(cfg, DPO(cfg))
 
 
-@releases_run_folder_on_error
 def train(cfg: DPOConfig):
-    """Train and save; returns (summary, trained model, tokenizer)."""
-    return fit(cfg, DPO(cfg))
+    """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
+    return loop.fit(cfg, DPO(cfg))

@@ -21,11 +21,10 @@ from alignkit.data.tokenize import Rendering, merge_stats, trained_label_count
 from alignkit.errors import UserError
 from alignkit.log import log
 from alignkit.losses import mean_nll
+from alignkit.training import loop
 from alignkit.training.data_order import split_eval
 from alignkit.training.forward import unit_sequence_logps
-from alignkit.training.launch import relaunch, wants_relaunch
-from alignkit.training.loop import Data, StepResult, fit
-from alignkit.training.run_folder import releases_run_folder_on_error
+from alignkit.training.loop import Data, StepResult
 
 
 class SFT:
@@ -133,12 +132,9 @@ def load_data(cfg: SFTConfig, tokenizer, template: str) -> Data:
 
 def run(cfg: SFTConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
-    if wants_relaunch(cfg):
-        return relaunch(cfg, "sft")
-    return train(cfg)[0]
+    return loop.run(cfg, SFT(cfg))
 
 
-@releases_run_folder_on_error
 def train(cfg: SFTConfig):
     """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
-    return fit(cfg, SFT(cfg))
+    return loop.fit(cfg, SFT(cfg))

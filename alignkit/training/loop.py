@@ -30,9 +30,16 @@ from alignkit.training.backend import Backend
 from alignkit.training.checkpoint import RunState, latest_checkpoint, resume_state, save_step
 from alignkit.training.data_order import describe_tail, step_stream, steps_per_epoch
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal, agree_on_stop, interrupt
+from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.metrics import MetricsLog, Window, peak_memory_mib
 from alignkit.training.optim import build_optimizer, build_scheduler
-from alignkit.training.run_folder import check_output_dir, claim_output_dir, release_run_folder, save_final
+from alignkit.training.run_folder import (
+    check_output_dir,
+    claim_output_dir,
+    release_run_folder,
+    releases_run_folder_on_error,
+    save_final,
+)
 from alignkit.training.tracking import open_tracking
 
 
@@ -96,6 +103,14 @@ class Objective(Protocol):
     def summary(self, state: RunState, last: StepResult) -> dict: ...
 
 
+def run(cfg, objective: Objective) -> dict:
+    """Train and save, re-running under torch's launcher when `num_processes` asks for it; the summary."""
+    if wants_relaunch(cfg):
+        return relaunch(cfg, objective.name)
+    return fit(cfg, objective)[0]
+
+
+@releases_run_folder_on_error
 def fit(cfg, objective: Objective):
     """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
     started = time.time()

@@ -83,13 +83,13 @@ def _holder_pid(fd: int) -> str:
 
 
 def releases_run_folder_on_error(train):
-    """Decorate a recipe's train(cfg): a run that fails lets go of the folders it locked, so that a process that
-    goes on (the Python API, a notebook, a pipeline) can run there again, or another process can."""
+    """Decorate the loop's fit: a run that fails lets go of the folders it locked, so that a process that goes
+    on (the Python API, a notebook, a pipeline) can run there again, or another process can."""
     @functools.wraps(train)
-    def guarded(cfg):
+    def guarded(*args, **kwargs):
         before = set(_HELD)
         try:
-            return train(cfg)
+            return train(*args, **kwargs)
         except BaseException:
             for key in set(_HELD) - before:
                 release_run_folder(key)
