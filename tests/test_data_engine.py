@@ -356,6 +356,29 @@ def test_data_inspect_marks_the_trained_text_and_counts_what_training_would_do(t
     assert "\x1b[42;30mThe answer is 42.<|im_end|>\x1b[0m" in capsys.readouterr().out
 
 
+def test_a_run_writes_the_inspectors_view_of_its_training_rows(tmp_path, tiny_model_dir):
+    from alignkit.api import make_dpo_config, make_sft_config
+    from alignkit.recipes import dpo, sft
+
+    rows = [{"prompt": "Hello", "completion": "The answer is 42."}, {"prompt": "Hi", "completion": 3},
+            {"prompt": "Add 12 and 30.", "completion": "42"}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    common = {"model": str(tiny_model_dir), "dtype": "fp32", "max_steps": 1, "batch_size": 2, "save_steps": 0,
+              "on_bad_row": "skip"}
+    summary = sft.run(make_sft_config(common, data=[str(data)], output_dir=str(tmp_path / "sft")))
+    view = json.loads((tmp_path / "sft" / "data.json").read_text())
+    assert view["rows"] == summary["rows"]["used"] == 2 and view["statistics"]["skipped"] == 1
+    assert view["trained_tokens"] == summary["trained_tokens"] and 0 < view["trained_fraction"] < 1  # 1 step: all
+    first = view["shown"][0]["sides"][0]
+    assert "".join(text for text, trained in first["segments"] if trained) == "The answer is 42.<|im_end|>"
+    assert "".join(text for text, _ in first["segments"]).startswith("<|im_start|>user\nHello<|im_end|>")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Hi", "chosen": "yes", "rejected": "no"}])
+    dpo.run(make_dpo_config(common, data=[str(pairs)], output_dir=str(tmp_path / "dpo"), batch_size=1))
+    sides = json.loads((tmp_path / "dpo" / "data.json").read_text())["shown"][0]["sides"]
+    assert [(s["name"], "".join(t for t, trained in s["segments"] if trained)) for s in sides] == [
+        ("chosen", "yes<|im_end|>"), ("rejected", "no<|im_end|>")]
+
+
 def test_data_inspect_shows_both_sides_of_a_pair_and_refuses_bad_usage(tmp_path, tiny_model_dir, capsys):
     from alignkit.cli import main
 

@@ -159,6 +159,12 @@ def test_a_run_launched_from_the_page_appears_and_finishes(site, tmp_path, tiny_
         time.sleep(0.1)
     assert json.loads(record)["returncode"] == 0
     assert json.loads((root / "tiny" / "summary.json").read_text())["steps"] == 3
+    # the run's data view: the training rows with their trained text shaded, the completion and end of turn only
+    page.wait_for_selector("#data span.trained")
+    trained = page.eval_on_selector_all("#data pre", "pres => pres.map(p => [...p.querySelectorAll('span.trained')]"
+                                        ".map(s => s.textContent).join(''))")
+    assert sorted(trained) == ["42<|im_end|>", "hello there<|im_end|>"]
+    assert page.inner_text("#data p").startswith("2 training rows,")
 
 
 def test_stop_sends_sigint_so_the_run_saves_and_can_resume(site, tmp_path, tiny_model_dir):

@@ -12,12 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from alignkit.data.cache import load_pair_rows, load_sft_rows
 from alignkit.data.sources import iter_rows, require
 from alignkit.data.templates import resolve_template
-from alignkit.data.tokenize import IGNORE, Rendering
+from alignkit.data.tokenize import Rendering
+from alignkit.data.view import counts, row_view
 from alignkit.errors import UserError
 from alignkit.models.load import load_tokenizer, resolve_model
 
@@ -61,35 +60,23 @@ def is_preference_data(path: str) -> bool:
     return "chosen" in first.fields and "rejected" in first.fields
 
 
-def marked_text(tokenizer, input_ids: list[int], labels: list[int], colour: bool) -> str:
-    """The row's text with each run of trained tokens between marks."""
+def marked(segments: list[tuple[str, bool]], colour: bool) -> str:
+    """The text with each run of trained tokens between marks."""
     opening, closing = MARKS[colour]
-    pieces, start = [], 0
-    trained = [label != IGNORE for label in labels]
-    for end in range(1, len(input_ids) + 1):
-        if end == len(input_ids) or trained[end] != trained[start]:
-            text = tokenizer.decode(input_ids[start:end])
-            pieces.append(f"{opening}{text}{closing}" if trained[start] else text)
-            start = end
-    return "".join(pieces)
+    return "".join(f"{opening}{text}{closing}" if trained else text for text, trained in segments)
 
 
 def show_row(row, tokenizer, colour: bool) -> None:
-    sides = [("", row)] if hasattr(row, "input_ids") else [(" chosen", row.chosen), (" rejected", row.rejected)]
-    for name, sequence in sides:
-        trained = sum(1 for label in sequence.labels if label != IGNORE)
-        print(f"--- {row.origin}{name}: {len(sequence.input_ids)} tokens, {trained} trained")
-        print(marked_text(tokenizer, sequence.input_ids, sequence.labels, colour))
+    view = row_view(row, tokenizer)
+    for side in view["sides"]:
+        name = f" {side['name']}" if side["name"] else ""
+        print(f"--- {view['origin']}{name}: {side['tokens']} tokens, {side['trained']} trained")
+        print(marked(side["segments"], colour))
     print()
 
 
 def summarise(rows, stats, max_length: int) -> dict:
-    sizes = rows.lengths() if len(rows) else np.zeros((0, 1), dtype=np.int64)
-    tokens = int(sizes.sum())
-    trained = int(rows.trained_counts().sum()) if len(rows) else 0
-    return {"rows": len(rows), "tokens": tokens, "trained_tokens": trained,
-            "trained_fraction": trained / tokens if tokens else 0.0, "max_length": max_length,
-            "longest": int(sizes.max()) if len(rows) else 0, "truncated": stats.truncated, "dropped": stats.dropped,
+    return {**counts(rows, max_length), "truncated": stats.truncated, "dropped": stats.dropped,
             "repaired": getattr(stats, "repaired", 0), "skipped": stats.skipped,
             "identical": getattr(stats, "identical", 0)}
 

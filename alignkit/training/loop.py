@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from alignkit.config import save_yaml
 from alignkit.data.batches import batch_positions
+from alignkit.data.view import data_view
 from alignkit.log import log
 from alignkit.models.load import build_policy, load_inputs
 from alignkit.training import compiling, recompute, sparse_lookup, threads
@@ -131,6 +132,7 @@ def fit(cfg, objective: Objective):
     claim_output_dir(cfg, out, backend.is_main)
     if backend.is_main:
         save_yaml(cfg, out / "config.yaml")
+        (out / "data.json").write_text(json.dumps(data_view(data.train, data.rows, tokenizer, cfg.max_length)))
     objective.setup(model, model_path, backend, data)
 
     per_epoch = steps_per_epoch(len(batch_positions(len(data.train), cfg.batch_size, cfg.seed, 0, backend.rank,

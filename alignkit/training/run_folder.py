@@ -14,8 +14,8 @@ from alignkit.errors import RunError, UserError
 from alignkit.models.load import no_hub_lookup
 from alignkit.training.checkpoint import kept_state, write_failure
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "final", "checkpoints", "tensorboard", "wandb",
-             "mlruns", "tracking.json")
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml", "data.json", "final", "checkpoints", "tensorboard",
+             "wandb", "mlruns", "tracking.json")
 PID_FILE = "run.pid"
 LOCK_FILE = "run.lock"
 _HELD: dict[Path, int] = {}  # run folder -> the open lock file whose flock this process holds

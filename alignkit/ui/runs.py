@@ -185,8 +185,9 @@ def read_metrics(folder: Path, offset: int) -> dict:
 
 
 def files_of(folder: Path) -> dict:
-    """The files the run page shows: the resolved config, the summary, the launch log, the report's PNG plots."""
+    """The files the run page shows: the resolved config, the summary, the launch log, the report's PNG plots, and
+    whether the run wrote its data view (data.json)."""
     pngs = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")
                   if "checkpoints" not in p.parts and "final" not in p.parts)
     text = [name for name in ("config.yaml", "summary.json", "launch.log", "report.md") if (folder / name).is_file()]
-    return {"text": text, "images": pngs}
+    return {"text": text, "images": pngs, "data": (folder / "data.json").is_file()}
