@@ -293,3 +293,24 @@ def test_bf16_first_step_is_log_2_whatever_the_reference(tmp_path, tiny_model_di
     recipe.run(cfg)
     row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["loss"] == pytest.approx(math.log(2), abs=1e-7) and row["rewards/margins"] == 0.0
+
+
+def test_precomputed_log_probs_are_cached_whole_and_kept_by_pair_position(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from alignkit.errors import RunError
+    from alignkit.training import reference
+
+    cache = tmp_path / "logps.safetensors"
+    cache.write_bytes(b"half a file")  # what a crash in the middle of an unguarded write leaves
+    assert reference._cached(cache, 3) is None and "unreadable reference log-probs" in capsys.readouterr().err
+    scores = torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]])
+    reference._write(cache, scores)
+    assert torch.equal(reference._cached(cache, 3), scores) and reference._cached(cache, 4) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["logps.safetensors"]  # no staging file left
+    stored = reference.Precomputed(scores, "cpu")
+    chosen, rejected = stored.logps(None, [SimpleNamespace(position=2), SimpleNamespace(position=0)], "padded")
+    assert chosen.tolist() == [-5.0, -1.0] and rejected.tolist() == [-6.0, -2.0]
+    for position in (-1, 3):  # read outside a stored set, or from another one
+        with pytest.raises(RunError, match="precomputed reference log-probs need the pairs of the set"):
+            stored.logps(None, [SimpleNamespace(position=position)], "padded")

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,6 +251,8 @@ def _start_worker(job: Job) -> None:
     global _JOB
     _JOB = job
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    # one thread each: the tokenizer's own thread pool in every worker would oversubscribe the CPUs
+    os.environ.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
 def _encode_in_worker(rows: list) -> Chunk:
@@ -258,35 +260,24 @@ def _encode_in_worker(rows: list) -> Chunk:
     return encode_chunk(_JOB, rows)
 
 
-@contextmanager
-def _worker_environment():
-    """Workers inherit these: one thread each (the tokenizer's own thread pool would oversubscribe the CPUs)."""
-    saved = {name: os.environ.get(name) for name in ("TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")}
-    os.environ.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _in_workers(paths: list[str], job: Job, num_proc: int) -> Iterator[Chunk]:
     """Chunks encoded by a pool, yielded in reading order; at most 2 chunks per worker are in flight, so the
-    reader never runs ahead of tokenisation by more than that."""
-    with _worker_environment():
-        pool = ProcessPoolExecutor(num_proc, mp_context=_context(), initializer=_start_worker, initargs=(job,))
+    reader never runs ahead of tokenisation by more than that. A build that stops early (a bad row, Ctrl-C)
+    waits for the chunks the workers are encoding, one each."""
+    pool = ProcessPoolExecutor(num_proc, mp_context=_context(), initializer=_start_worker, initargs=(job,))
     try:
         pending: deque = deque()
         for item in _chunks(paths):
             pending.append(Chunk(error=str(item)) if isinstance(item, UserError)
                            else pool.submit(_encode_in_worker, item))
             while len(pending) > 2 * num_proc:
-                yield _result(pending.popleft(), num_proc)
+                yield _result(pending.popleft())
         while pending:
-            yield _result(pending.popleft(), num_proc)
+            yield _result(pending.popleft())
+    except BrokenProcessPool:  # raised by the chunk of the worker that died, or by the next submit
+        raise RunError(f"a tokenising worker process died (out of memory?) while {num_proc} were running; run "
+                       f"again with fewer (--num-proc {max(1, num_proc // 2)}): the rows tokenised so far are "
+                       "not kept") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -298,17 +289,10 @@ def _context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _result(item, num_proc: int) -> Chunk:
-    """A chunk's result; a worker that died (the kernel's out-of-memory killer, a signal) ends the build with
-    one line instead of leaving the others waiting for its chunk forever."""
-    if isinstance(item, Chunk):
-        return item
-    try:
-        return item.result()
-    except BrokenProcessPool:
-        raise RunError(f"a tokenising worker process died (out of memory?) while {num_proc} were running; run "
-                       f"again with fewer (--num-proc {max(1, num_proc // 2)}): the rows tokenised so far are "
-                       "not kept") from None
+def _result(item) -> Chunk:
+    """A chunk's result; a worker that died (the kernel's out-of-memory killer, a signal) raises
+    BrokenProcessPool here rather than leaving the build waiting for its chunk forever."""
+    return item if isinstance(item, Chunk) else item.result()
 
 
 def encode_rows(job: Job, rows: list) -> tuple[list, Any]:

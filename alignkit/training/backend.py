@@ -8,6 +8,7 @@ One process, DDP, FSDP2 (full shard) or DeepSpeed ZeRO-2/3, all built by acceler
 from __future__ import annotations
 
 import contextlib
+import gc
 import warnings
 from pathlib import Path
 
@@ -167,6 +168,16 @@ class Backend:
         elif self.half:
             store_linear_weights_in_bf16(model)
         return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def release(self, model) -> None:
+        """Let go of a model placed with `frozen` (accelerate keeps a reference to every prepared model)."""
+        if model is None:
+            return
+        models = self.accelerator._models
+        models[:] = [m for m in models if m is not model]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from alignkit.data.prefs import PreferenceRow
 from alignkit.data.sources import file_fingerprint
 from alignkit.data.store import StoredRows
+from alignkit.errors import RunError
 from alignkit.log import log
 from alignkit.models.load import load_model, resolve_model
 from alignkit.paths import cache_root
@@ -82,8 +84,10 @@ class Precomputed:
 
     def logps(self, policy, pairs: list[PreferenceRow], layout: str) -> tuple[torch.Tensor, torch.Tensor]:
         positions = [pair.position for pair in pairs]
-        if min(positions) < 0:
-            raise ValueError("precomputed reference log-probs need pairs read from stored rows (with a position)")
+        if not all(0 <= p < len(self.stored) for p in positions):
+            raise RunError(f"a pair without its place among the {len(self.stored)} scored pairs (position "
+                           f"{positions}): precomputed reference log-probs need the pairs of the set they were "
+                           "computed for")
         rows = self.stored[positions].to(self.device, torch.float32)
         return rows[:, 0], rows[:, 1]
 
@@ -114,16 +118,37 @@ def precompute(scorer, policy, pair_sets: list[Sequence], cfg, layout: str, back
     for pairs in pair_sets:
         digest.update(pairs_fingerprint(pairs).encode())
     cache = cache_root() / "reference-logps" / f"{digest.hexdigest()[:24]}.safetensors"
-    if cache.is_file():
-        stored = load_file(cache)["logps"]
-        log("reference log-probs loaded from cache")
-    else:
+    sizes = [len(pairs) for pairs in pair_sets]
+    stored = _cached(cache, sum(sizes))
+    if stored is None:
         stored = _score(scorer, policy, pair_sets, cfg.batch_size, layout, backend)
         if backend.is_main:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"logps": stored.contiguous()}, str(cache))
-    sizes = [len(pairs) for pairs in pair_sets]
+            _write(cache, stored)
+    backend.release(getattr(scorer, "model", None))  # the scores are all that training needs of it
     return [Precomputed(part, backend.device) for part in stored.split(sizes)]
+
+
+def _cached(cache: Path, pairs: int) -> torch.Tensor | None:
+    """The cached scores, or None when there are none or they are damaged (then they are scored again)."""
+    if not cache.is_file():
+        return None
+    try:
+        stored = load_file(cache)["logps"]
+    except Exception:  # a half-written or foreign file: scoring again costs a pass over the pairs
+        log(f"{cache}: unreadable reference log-probs; scoring the pairs again")
+        return None
+    if stored.shape != (pairs, 2):
+        return None
+    log("reference log-probs loaded from cache")
+    return stored
+
+
+def _write(cache: Path, stored: torch.Tensor) -> None:
+    """Written beside and renamed into place, so that a crash or a full disk never leaves half a file."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = cache.with_name(f".{cache.name}.{os.getpid()}")
+    save_file({"logps": stored.contiguous()}, str(staging))
+    os.replace(staging, cache)
 
 
 def _score(scorer, policy, pair_sets: list[Sequence], batch_size: int, layout: str, backend: Backend) -> torch.Tensor:
