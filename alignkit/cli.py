@@ -20,6 +20,7 @@ from alignkit.config import (
     EvalConfig,
     ExportConfig,
     GenerateConfig,
+    ORPOConfig,
     PipelineConfig,
     PrefsConfig,
     ReportConfig,
@@ -52,6 +53,10 @@ COMMANDS = {
     "dpo": Command(DPOConfig, "alignkit.recipes.dpo",
                    "direct preference optimisation on (prompt, chosen, rejected) pairs",
                    f"DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. {OUTPUTS}"),
+    "orpo": Command(ORPOConfig, "alignkit.recipes.orpo",
+                    "ORPO: SFT plus an odds-ratio preference term on (prompt, chosen, rejected) pairs, no reference",
+                    "ORPO (Hong et al. 2024, arXiv 2403.07691): the chosen completions' NLL plus beta (lambda) "
+                    f"times -log sigmoid of the log odds ratio of chosen over rejected; no reference model. {OUTPUTS}"),
     "pipeline": Command(PipelineConfig, "alignkit.pipeline",
                         "run stages of SFT/DPO in sequence (multi-task, sequential, DMT), scoring abilities",
                         "Stages of SFT and DPO from a plan, each starting from the previous stage's final model, "
