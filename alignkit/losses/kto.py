@@ -26,5 +26,5 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     """
     logratio = policy_logps - ref_logps
     value = torch.where(desirable, torch.sigmoid(beta * (logratio - z_ref)), torch.sigmoid(beta * (z_ref - logratio)))
-    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(value.dtype)
+    weight = torch.full_like(value, undesirable_weight).masked_fill(desirable, desirable_weight)
     return weight * (1 - value)
