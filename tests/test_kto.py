@@ -89,6 +89,19 @@ def test_training_separates_desirable_from_undesirable(tmp_path, tiny_model_dir)
     assert summary["reference"] == "copy" and summary["rows"]["desirable"] == 3
 
 
+
+def test_padded_and_per_sequence_layouts_agree(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "kto.jsonl", ROWS)
+    rows = {}
+    for layout in ("padded", "per_sequence"):
+        recipe.run(make_kto_config(model=str(tiny_model_dir), data=[str(data)], output_dir=str(tmp_path / layout),
+                                   batch_size=3, max_steps=2, lr=1e-2, dtype="fp32", layout=layout))
+        rows[layout] = [json.loads(x) for x in (tmp_path / layout / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows["padded"], rows["per_sequence"], strict=True):
+        for key in ("loss", "kl", "rewards/margins", "logps/chosen"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert rows["padded"][1]["kl"] > 0
+
 def test_resume_gives_the_same_losses_and_weights(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
@@ -163,3 +176,16 @@ def test_first_step_loss_and_metrics_match_trl_kto_trainer(tmp_path, tiny_model_
     for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
         assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-4), key
+
+
+@pytest.mark.parametrize("command", ["kto", "orpo"])
+def test_help_lists_every_field_with_its_default(capsys, command):
+    from alignkit.cli import COMMANDS, main
+    from alignkit.config import fields_of
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(f"--{name.replace('_', '-')}" in text for name in fields_of(COMMANDS[command].config))
+    assert "arXiv" in text and "(default: 0.1)" in text

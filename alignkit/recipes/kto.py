@@ -6,8 +6,9 @@ log-probs. The reference point z_ref = max(0, mean of ℓθ(y'|x) − ℓref(y'|
 prompt with another row's completion, the other row fixed per data set (the completions rotated by one along a
 seeded order of the rows, as TRL rotates them along its batches). z_ref is estimated once per optimizer step over
 all its rows, on every process, before any loss, so it is the same for each micro-batch and each process count;
-no gradient flows through it. Loss of a step: (1/N) Σ_rows λ_y (1 − σ(β(r − z_ref))) for desirable rows,
-λ_y (1 − σ(β(z_ref − r))) for undesirable ones (`losses.kto.kto_loss`), N the step's rows.
+no gradient flows through it, and the pairs are scored with dropout off. Loss of a step:
+(1/N) Σ_rows λ_D (1 − σ(β(r − z_ref))) for desirable rows, λ_U (1 − σ(β(z_ref − r))) for undesirable ones
+(`losses.kto.kto_loss`), N the step's rows.
 Metrics (TRL's names): loss; kl = z_ref; rewards/chosen = mean βr over the desirable rows, rewards/rejected the
 same over the undesirable rows, rewards/margins = their difference (each only when the step has such rows);
 logps/chosen and logps/rejected = mean ℓθ(y|x) over desirable and undesirable rows; count/chosen and
@@ -145,6 +146,9 @@ class KTO:
         ref = self.references[split]
         kl_sum = torch.zeros((), device=self.device)
         scored = []
+        # eval mode: dropout would draw random numbers here, and a resumed run calls this once more at set-up
+        was_training = self.policy.training
+        self.policy.eval()
         with torch.no_grad(), self.backend.autocast():
             for rows in batches:
                 pairs = [self.pairs[split].pair(row) for row in rows]
@@ -152,6 +156,7 @@ class KTO:
                 policy_kl = self.sequence_logps(self.policy, [p.rejected for p in pairs])[0]
                 kl_sum = kl_sum + (policy_kl.float() - ref_kl.float()).sum()
                 scored.append((list(rows), ref_logps.float()))
+        self.policy.train(was_training)
         count = self.backend.reduce(torch.tensor([float(sum(len(b) for b in batches))], device=self.device), "sum")
         z_ref = reference_point(self.backend.reduce(kl_sum, "sum"), count.item())
         if self.layout == "padded" or split == "eval":
