@@ -35,6 +35,15 @@ class FeedbackRow:
     origin: str
     position: int = -1  # index in the rows it was read from
 
+    # read like a one-sequence row by code that lists or counts rows of any kind (store.lengths, inspection)
+    @property
+    def input_ids(self) -> list[int]:
+        return self.sequence.input_ids
+
+    @property
+    def labels(self) -> list[int]:
+        return self.sequence.labels
+
 
 @dataclass
 class FeedbackStats:
