@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import DPOConfig, SFTConfig, build_config, load_yaml, to_dict
+from alignkit.config import DPOConfig, KTOConfig, ORPOConfig, SFTConfig, build_config, load_yaml, to_dict
 
 
 def make_config(config_cls: type, config: Any = None, **overrides: Any) -> Any:
@@ -47,3 +47,31 @@ def dpo(config: str | Path | dict | DPOConfig | None = None, **overrides: Any) -
     from alignkit.recipes import dpo as recipe
 
     return recipe.run(make_dpo_config(config, **overrides))
+
+
+def make_orpo_config(config: str | Path | dict | ORPOConfig | None = None, **overrides: Any) -> ORPOConfig:
+    return make_config(ORPOConfig, config, **overrides)
+
+
+def make_kto_config(config: str | Path | dict | KTOConfig | None = None, **overrides: Any) -> KTOConfig:
+    return make_config(KTOConfig, config, **overrides)
+
+
+def orpo(config: str | Path | dict | ORPOConfig | None = None, **overrides: Any) -> dict:
+    """Run ORPO on preference pairs; returns the run's summary.
+
+    >>> alignkit.orpo(model="smollm2-135m-instruct", data=["prefs.jsonl"], output_dir="runs/orpo", beta=0.1)
+    """
+    from alignkit.recipes import orpo as recipe
+
+    return recipe.run(make_orpo_config(config, **overrides))
+
+
+def kto(config: str | Path | dict | KTOConfig | None = None, **overrides: Any) -> dict:
+    """Run KTO on (prompt, completion, label) rows; returns the run's summary.
+
+    >>> alignkit.kto(model="runs/sft/final", data=["feedback.jsonl"], output_dir="runs/kto", lora=True, lr=5e-5)
+    """
+    from alignkit.recipes import kto as recipe
+
+    return recipe.run(make_kto_config(config, **overrides))

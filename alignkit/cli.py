@@ -20,6 +20,8 @@ from alignkit.config import (
     EvalConfig,
     ExportConfig,
     GenerateConfig,
+    KTOConfig,
+    ORPOConfig,
     PipelineConfig,
     PrefsConfig,
     ReportConfig,
@@ -52,6 +54,15 @@ COMMANDS = {
     "dpo": Command(DPOConfig, "alignkit.recipes.dpo",
                    "direct preference optimisation on (prompt, chosen, rejected) pairs",
                    f"DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. {OUTPUTS}"),
+    "orpo": Command(ORPOConfig, "alignkit.recipes.orpo",
+                    "ORPO: SFT plus an odds-ratio preference term on (prompt, chosen, rejected) pairs, no reference",
+                    "ORPO (Hong et al. 2024, arXiv 2403.07691): the chosen completions' NLL plus beta (lambda) "
+                    f"times -log sigmoid of the log odds ratio of chosen over rejected; no reference model. {OUTPUTS}"),
+    "kto": Command(KTOConfig, "alignkit.recipes.kto",
+                   "KTO on unpaired (prompt, completion, label) rows: thumbs-up/down feedback",
+                   "KTO (Ethayarajh et al. 2024, arXiv 2402.01306): desirable and undesirable completions, each "
+                   "pushed against a KL reference point estimated from mismatched prompt/completion pairs. "
+                   f"{OUTPUTS}"),
     "pipeline": Command(PipelineConfig, "alignkit.pipeline",
                         "run stages of SFT/DPO in sequence (multi-task, sequential, DMT), scoring abilities",
                         "Stages of SFT and DPO from a plan, each starting from the previous stage's final model, "

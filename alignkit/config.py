@@ -142,6 +142,40 @@ class DPOConfig(TrainConfig):
                        choices=["auto", "padded", "per_sequence", "prefix_shared"])
 
 
+
+@dataclass
+class ORPOConfig(TrainConfig):
+    data: list[str | dict] = _opt([], "preference data, as for dpo: rows with prompt, chosen, rejected (strings or "
+                                      "message lists), or chosen/rejected conversations sharing their prompt",
+                                  sources=True)
+    lr: float = _opt(1e-6, "peak learning rate (AdamW); TRL's default, the ORPO paper used 5e-6 to 8e-6 on 7B models")
+    beta: float = _opt(0.1, "λ: weight of the odds-ratio term beside the chosen completions' NLL (Hong et al. "
+                            "2024, arXiv 2403.07691; TRL names it beta)")
+    nll_tokens: str = _opt("completion", "tokens of the chosen sequence the NLL term covers: completion (the "
+                                         "paper's L_SFT) or all (prompt too, as TRL's ORPOTrainer)",
+                           choices=["completion", "all"])
+    layout: str = _opt("auto", "batch layout, as for dpo: auto (prefix_shared), padded, per_sequence, prefix_shared",
+                       choices=["auto", "padded", "per_sequence", "prefix_shared"])
+
+
+@dataclass
+class KTOConfig(TrainConfig):
+    data: list[str | dict] = _opt([], "binary feedback: rows with prompt, completion (strings or message lists) "
+                                      "and label (true: desirable, false: undesirable); sources may take an "
+                                      "amount as for sft", sources=True)
+    lr: float = _opt(1e-6, "peak learning rate (AdamW); TRL's default for full fine-tuning, LoRA usually wants "
+                           "1e-5 to 5e-4")
+    beta: float = _opt(0.1, "β: how far the policy may move from the reference (Ethayarajh et al. 2024, "
+                            "arXiv 2402.01306)")
+    desirable_weight: float = _opt(1.0, "λ_D: weight of desirable rows' losses; the paper suggests "
+                                        "λ_D·n_D / (λ_U·n_U) in [1, 4/3]")
+    undesirable_weight: float = _opt(1.0, "λ_U: weight of undesirable rows' losses")
+    reference: str = _opt("auto", "reference model: copy, adapter (LoRA only) or precomputed; auto picks adapter "
+                                  "under LoRA, else copy", choices=["auto", "copy", "adapter", "precomputed"])
+    ref_model: str | None = _opt(None, "reference model (folder, .gguf or alias) instead of the initial policy")
+    layout: str = _opt("auto", "batch layout: auto (one sequence per forward), padded (a micro-batch per "
+                               "forward) or per_sequence", choices=["auto", "padded", "per_sequence"])
+
 @dataclass
 class PrefsConfig:
     model: str = _opt("smollm2-135m-instruct", "the model to sample from (folder, .gguf, alias or an alignkit final/)")
@@ -456,6 +490,8 @@ def validate(config: Any) -> None:
             raise UserError(f"'{name}' must be in [0, 1), got {getattr(config, name)}")
     if isinstance(config, DPOConfig):
         validate_dpo(config)
+    if isinstance(config, (ORPOConfig, KTOConfig)):
+        validate_feedback(config)
     if hasattr(config, "seed") and not 0 <= config.seed < 2**32:
         raise UserError(f"'seed' must be in [0, 2**32), got {config.seed}")
     if isinstance(config, PipelineConfig) and not config.plan:
@@ -488,6 +524,16 @@ def validate_dpo(config: DPOConfig) -> None:
     if config.reference == "none" and not set(config.loss_type) <= REFERENCE_FREE:
         raise UserError(f"reference 'none' only suits reference-free losses ({', '.join(sorted(REFERENCE_FREE))})")
 
+
+
+def validate_feedback(config: ORPOConfig | KTOConfig) -> None:
+    if config.beta <= 0:
+        raise UserError(f"'beta' must be > 0, got {config.beta}")
+    for name in ("desirable_weight", "undesirable_weight"):
+        if getattr(config, name, 1.0) <= 0:
+            raise UserError(f"'{name}' must be > 0, got {getattr(config, name)}")
+    if getattr(config, "reference", None) == "adapter" and not config.lora:
+        raise UserError("reference 'adapter' needs lora: true (the base under the adapter is the reference)")
 
 def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)

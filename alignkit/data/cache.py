@@ -99,3 +99,9 @@ def load_pair_rows(paths: list[str], tokenizer, template: str, max_length: int, 
                    num_proc: int | None = None, rendering: Rendering = PLAIN):
     """DPO pairs of `paths` as stored rows, their statistics, and whether they came from the cache."""
     return load_stored(paths, Job("dpo", tokenizer, template, max_length, "auto", on_bad_row, rendering), num_proc)
+
+
+def load_feedback_rows(paths: list[str], tokenizer, template: str, max_length: int, on_bad_row: str = "error",
+                       num_proc: int | None = None, rendering: Rendering = PLAIN):
+    """KTO rows of `paths` (`data.feedback.FeedbackRow`) as stored rows, their statistics, whether cached."""
+    return load_stored(paths, Job("kto", tokenizer, template, max_length, "auto", on_bad_row, rendering), num_proc)

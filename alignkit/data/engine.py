@@ -41,7 +41,7 @@ PARALLEL_BYTES = 4 << 20
 class Job:
     """What a worker needs to turn rows into sequences; sent to each worker once."""
 
-    kind: str  # "sft" (one sequence per row) or "dpo" (chosen and rejected)
+    kind: str  # "sft" (one sequence per row), "dpo" (chosen and rejected) or "kto" (a sequence and a label)
     tokenizer: Any
     template: str
     max_length: int
@@ -60,10 +60,11 @@ class Chunk:
 
 
 def new_stats(kind: str):
+    from alignkit.data.feedback import FeedbackStats
     from alignkit.data.prefs import PreferenceStats
     from alignkit.data.tokenize import TokenizeStats
 
-    return TokenizeStats() if kind == "sft" else PreferenceStats()
+    return {"sft": TokenizeStats, "kto": FeedbackStats}.get(kind, PreferenceStats)()
 
 
 def merge_into(total, part: dict) -> None:
@@ -74,7 +75,7 @@ def merge_into(total, part: dict) -> None:
 
 
 def encode_chunk(job: Job, rows: list) -> Chunk:
-    return _encode_sft(job, rows) if job.kind == "sft" else _encode_pairs(job, rows)
+    return {"sft": _encode_sft, "kto": _encode_feedback}.get(job.kind, _encode_pairs)(job, rows)
 
 
 def _fail(chunk: Chunk, stats, err: UserError, on_bad_row: str) -> bool:
@@ -168,6 +169,40 @@ def _encode_pairs(job: Job, rows: list) -> Chunk:
     return chunk
 
 
+def _encode_feedback(job: Job, rows: list) -> Chunk:
+    """Rows as ([sequence], origin, label)."""
+    from alignkit.data.feedback import to_feedback
+    from alignkit.data.prefs import as_example
+
+    chunk, stats, items = Chunk(), new_stats("kto"), []
+    for row in rows:
+        try:
+            items.append(to_feedback(row))
+        except UserError as err:
+            items.append(err)
+    examples = [item for item in items if not isinstance(item, UserError)]
+    encoded = iter(_each(examples, lambda some: [s for (s,) in encode_examples(
+        job.tokenizer, job.template, [as_example(e.origin, e.prompt, e.completion, e.tools) for e in some],
+        job.max_length, split=False, rendering=job.rendering)]))
+    for item in items:
+        sequence = item if isinstance(item, UserError) else next(encoded)
+        if isinstance(sequence, UserError):
+            if _fail(chunk, stats, sequence, job.on_bad_row):
+                break
+            continue
+        if sequence is None:
+            stats.dropped += 1
+            keep_example(stats.dropped_origins, item.origin)
+            continue
+        stats.rows += 1
+        stats.desirable += item.label
+        stats.undesirable += not item.label
+        stats.truncated += sequence.truncated
+        chunk.rows.append(([_compact(sequence)], item.origin, item.label))
+    chunk.stats = dataclasses.asdict(stats)
+    return chunk
+
+
 def _compact(sequence) -> tuple[np.ndarray, np.ndarray]:
     """(ids, trained) in the smallest types that cross a process boundary without loss."""
     return sequence.ids.astype(np.uint32), sequence.trained
@@ -209,15 +244,15 @@ def build_store(paths: list[str], job: Job, folder: Path, num_proc: int) -> tupl
     """Tokenise `paths` into a new store at `folder`; returns it and the statistics of the build."""
     from tqdm.auto import tqdm
 
-    writer = StoreWriter(folder, 1 if job.kind == "sft" else 2, len(job.tokenizer))
+    writer = StoreWriter(folder, 2 if job.kind == "dpo" else 1, len(job.tokenizer), row_labels=job.kind == "kto")
     stats = new_stats(job.kind)
     results = _in_process(paths, job) if num_proc <= 1 else _in_workers(paths, job, num_proc)
     progress = tqdm(desc=f"tokenising ({num_proc} processes)", unit=" rows", dynamic_ncols=True,
                     disable=input_bytes(paths) < PARALLEL_BYTES or os.environ.get("RANK", "0") != "0")
     try:
         for chunk in results:
-            for sequences, origin in chunk.rows:
-                writer.add(sequences, origin)
+            for sequences, origin, *label in chunk.rows:
+                writer.add(sequences, origin, *label)
             merge_into(stats, chunk.stats)
             progress.update(CHUNK_ROWS)
             if chunk.error:
@@ -311,4 +346,9 @@ def encode_rows(job: Job, rows: list) -> tuple[list, Any]:
     merge_into(stats, chunk.stats)
     if job.kind == "sft":
         return [row_of(sequences[0], origin) for sequences, origin in chunk.rows], stats
+    if job.kind == "kto":
+        from alignkit.data.feedback import FeedbackRow
+
+        return [FeedbackRow(row_of(sequences[0], origin), label, origin, i)
+                for i, (sequences, origin, label) in enumerate(chunk.rows)], stats
     return [PreferenceRow(row_of(c, origin), row_of(r, origin), origin) for (c, r), origin in chunk.rows], stats

@@ -1,6 +1,6 @@
 """Tokenised data on disk: flat token arrays, written once, memory-mapped for training, checked on every open.
 
-A store holds rows of `group` sequences each (1 for SFT rows, 2 for DPO pairs: chosen then rejected):
+A store holds rows of `group` sequences each (1 for SFT and KTO rows, 2 for DPO pairs: chosen then rejected):
 
 | file | holds |
 |---|---|
@@ -10,6 +10,7 @@ A store holds rows of `group` sequences each (1 for SFT rows, 2 for DPO pairs: c
 | `counts.bin` | int64, each sequence's trained labels after the shift (position t predicts token t+1) |
 | `origins.txt` | each row's origin ("file.jsonl:12"), one JSON string per line |
 | `origin_offsets.bin` | int64, where each row's line starts in `origins.txt` |
+| `row_labels.bin` | KTO rows only: one byte per row, 1 where the completion is desirable |
 | `meta.json` | sizes, the sha256 of every file above, the statistics of the run that built it, and its own hash |
 
 The store is built in a temporary folder beside its final place and renamed into place whole, so a crash or a
@@ -54,19 +55,22 @@ def _meta_hash(body: dict) -> str:
 class StoreWriter:
     """Appends rows to a new store in a temporary folder; `publish` renames it into place."""
 
-    def __init__(self, folder: Path, group: int, vocab_size: int):
+    def __init__(self, folder: Path, group: int, vocab_size: int, row_labels: bool = False):
         folder.parent.mkdir(parents=True, exist_ok=True)
         self.folder, self.group = folder, group
         self.id_dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
         self.tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building-"))
-        self.files = {name: (self.tmp / f"{name}.bin").open("wb") for name in ("ids", "trained", "counts")}
+        names = ("ids", "trained", "counts", *(("row_labels",) if row_labels else ()))
+        self.files = {name: (self.tmp / f"{name}.bin").open("wb") for name in names}
         self.origins = (self.tmp / "origins.txt").open("wb")
         self.offsets, self.origin_offsets = [0], [0]
         self.rows = 0
 
-    def add(self, sequences: list[tuple[np.ndarray, np.ndarray]], origin: str) -> None:
-        """One row: its `group` sequences as (ids, trained) arrays."""
-        assert len(sequences) == self.group
+    def add(self, sequences: list[tuple[np.ndarray, np.ndarray]], origin: str, label: bool | None = None) -> None:
+        """One row: its `group` sequences as (ids, trained) arrays, and its label in a store of labelled rows."""
+        assert len(sequences) == self.group and (label is None) == ("row_labels" not in self.files)
+        if label is not None:
+            self.files["row_labels"].write(np.uint8(label).tobytes())
         for ids, trained in sequences:
             self.files["ids"].write(ids.astype(self.id_dtype).tobytes())
             self.files["trained"].write(trained.astype(np.uint8).tobytes())
@@ -83,9 +87,11 @@ class StoreWriter:
             file.close()
         np.asarray(self.offsets, dtype=np.int64).tofile(self.tmp / "offsets.bin")
         np.asarray(self.origin_offsets, dtype=np.int64).tofile(self.tmp / "origin_offsets.bin")
-        names = [*(f"{name}.bin" for name in ARRAYS), "origins.txt"]
+        labelled = "row_labels" in self.files
+        names = [*(f"{name}.bin" for name in ARRAYS), *(["row_labels.bin"] if labelled else []), "origins.txt"]
         body = {"version": VERSION, "group": self.group, "id_dtype": np.dtype(self.id_dtype).name,
                 "rows": self.rows, "tokens": self.offsets[-1], "stats": stats,
+                **({"row_labels": True} if labelled else {}),
                 "files": {name: {"bytes": (self.tmp / name).stat().st_size, "sha256": _sha256(self.tmp / name)}
                           for name in names}}
         (self.tmp / "meta.json").write_text(json.dumps({"body": body, "sha256": _meta_hash(body)}))
@@ -109,6 +115,7 @@ class TokenStore:
         dtypes = {**ARRAYS, "ids": np.dtype(body["id_dtype"])}
         self.arrays = {name: _map(folder / f"{name}.bin", dtype) for name, dtype in dtypes.items()}
         self.origin_text = _map(folder / "origins.txt", np.uint8)
+        self.row_labels = _map(folder / "row_labels.bin", np.uint8) if body.get("row_labels") else None
         offsets = self.arrays["offsets"]
         self.lengths = (offsets[1:] - offsets[:-1]).reshape(-1, self.group)  # tokens, per row and sequence
         self.trained_counts = np.asarray(self.arrays["counts"]).reshape(-1, self.group)
@@ -191,11 +198,15 @@ class StoredRows(Sequence):
             return StoredRows(self.stores, self.index[item])
         store_number, row = (int(v) for v in self.index[item])
         store = self.stores[store_number]
-        if store.group == 1:
+        if store.group == 1 and store.row_labels is None:
             return store.tokenized(row)
         from alignkit.data.prefs import PreferenceRow
 
         position = int(item) % len(self.index)
+        if store.row_labels is not None:
+            from alignkit.data.feedback import FeedbackRow
+
+            return FeedbackRow(store.tokenized(row), bool(store.row_labels[row]), store.origin(row), position)
         return PreferenceRow(store.tokenized(row, 0), store.tokenized(row, 1), store.origin(row), position)
 
     def take(self, positions) -> StoredRows:

@@ -1,0 +1,39 @@
+"""KTO and ORPO under DDP (2 CPU processes, gloo) follow the 1-process trajectory at the same global batch."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import write_jsonl
+from tests.test_distributed import PAIRS, metrics, run
+
+KTO_ROWS = [{"prompt": f"Add {a} and {b}.", "completion": f"The answer is {a + b + (i % 2)}.", "label": i % 2 == 0}
+            for i, (a, b) in enumerate(PAIRS)]
+ORPO_ROWS = [{"prompt": f"Add {a} and {b}.", "chosen": f"The answer is {a + b}.", "rejected": f"It is {a + b + 1}."}
+             for a, b in PAIRS]
+MODES = {"kto": (KTO_ROWS, ["kl", "rewards/chosen", "rewards/rejected", "rows"]),
+         "orpo": (ORPO_ROWS, ["nll_loss", "rewards/margins", "log_odds_ratio", "pairs"])}
+
+
+@pytest.mark.parametrize("command", list(MODES))
+def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, command):
+    """17 rows in global batches of 4 with 2 accumulation steps: the last step of the epoch has one row, so one
+    process runs only a filler pass; under KTO it still takes part in estimating the step's reference point."""
+    rows, keys = MODES[command]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rows[:1])
+    common = [command, "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "3", "--dtype", "fp32",
+              "--save-steps", "0", "--grad-accum", "2", "--eval-data", str(held_out), "--eval-steps", "3",
+              "--lr", "1e-2", "--compile", "off"]
+    run([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "4"], processes=1)
+    run([*common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--num-processes", "2"], processes=1)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 3]
+    for a, b in zip(one, two, strict=True):
+        for key in ["loss", "tokens", *keys] if "loss" in a else ["eval/loss"]:
+            assert (key in a) == (key in b) and a.get(key) == pytest.approx(b.get(key), abs=1e-4), key
+    assert max(r.get("kl", 1.0) for r in one[1:3]) > 0  # the reference point is in play (KTO)
+    weights = "model.safetensors"
+    reference, saved = (load_file(tmp_path / d / "final" / weights) for d in ("one", "two"))
+    assert max((reference[k] - saved[k]).abs().max().item() for k in reference) < 1e-4
