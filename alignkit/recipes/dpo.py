@@ -84,13 +84,8 @@ class DPO:
 
     def setup(self, model, model_path, backend, data: Data) -> None:
         self.device = backend.device
-        ref = reference.build(self.cfg, reference_kind(self.cfg), model_path, backend, self.pad_id)
-        if reference_kind(self.cfg) == "precomputed":
-            model.to(backend.device)
-            self.references = dict(zip(("train", "eval"), reference.precompute(
-                ref, model, [data.train, data.eval], self.cfg, self.layout, backend, model_path), strict=True))
-        else:
-            self.references = {"train": ref, "eval": ref}
+        self.references = reference.for_splits(self.cfg, reference_kind(self.cfg), model, model_path, backend,
+                                               self.pad_id, {"train": data.train, "eval": data.eval}, self.layout)
 
     def frozen_models(self) -> list:
         model = self.references["train"].model

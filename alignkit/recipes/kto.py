@@ -35,12 +35,10 @@ from alignkit.data.tokenize import Rendering
 from alignkit.errors import UserError
 from alignkit.log import log
 from alignkit.losses.kto import kto_loss, reference_point
-from alignkit.training import reference
+from alignkit.training import loop, reference
 from alignkit.training.data_order import split_eval
 from alignkit.training.forward import unit_sequence_logps
-from alignkit.training.launch import relaunch, wants_relaunch
-from alignkit.training.loop import Data, StepResult, fit
-from alignkit.training.run_folder import releases_run_folder_on_error
+from alignkit.training.loop import Data, StepResult
 
 SIDES = ("chosen", "rejected")  # TRL's names for desirable and undesirable
 
@@ -114,15 +112,8 @@ class KTO:
             raise UserError("kto runs on one process or under DDP: its reference point needs forward passes "
                             "outside the loop's, which FSDP and DeepSpeed would have to gather for")
         self.device, self.policy, self.backend = backend.device, model, backend
-        kind = reference_kind(self.cfg)
-        ref = reference.build(self.cfg, kind, model_path, backend, self.pad_id)
-        if kind == "precomputed":
-            model.to(backend.device)
-            sets = [self.pairs["train"], self.pairs["eval"]]
-            self.references = dict(zip(("train", "eval"), reference.precompute(
-                ref, model, sets, self.cfg, self.pair_layout(), backend, model_path), strict=True))
-        else:
-            self.references = {"train": ref, "eval": ref}
+        self.references = reference.for_splits(self.cfg, reference_kind(self.cfg), model, model_path, backend,
+                                               self.pad_id, self.pairs, self.pair_layout())
 
     def frozen_models(self) -> list:
         model = self.references["train"].model
@@ -255,12 +246,9 @@ def load_data(cfg: KTOConfig, tokenizer, template: str) -> Data:
 
 def run(cfg: KTOConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
-    if wants_relaunch(cfg):
-        return relaunch(cfg, "kto")
-    return train(cfg)[0]
+    return loop.run(cfg, KTO(cfg))
 
 
-@releases_run_folder_on_error
 def train(cfg: KTOConfig):
-    """Train and save; returns (summary, trained model, tokenizer)."""
-    return fit(cfg, KTO(cfg))
+    """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
+    return loop.fit(cfg, KTO(cfg))

@@ -26,11 +26,10 @@ from alignkit.data.store import lengths
 from alignkit.losses import mean_nll
 from alignkit.losses.orpo import odds_ratio_loss
 from alignkit.recipes.dpo import DPO, PairPass, chosen_tokens
+from alignkit.training import loop
 from alignkit.training.forward import pair_logps, unit_sequence_logps
-from alignkit.training.launch import relaunch, wants_relaunch
-from alignkit.training.loop import Data, StepResult, fit
+from alignkit.training.loop import Data, StepResult
 from alignkit.training.reference import NoReference
-from alignkit.training.run_folder import releases_run_folder_on_error
 
 METRICS = ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected", "log_odds_ratio", "log_odds_chosen")
@@ -119,12 +118,9 @@ class ORPO:
 
 def run(cfg: ORPOConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
-    if wants_relaunch(cfg):
-        return relaunch(cfg, "orpo")
-    return train(cfg)[0]
+    return loop.run(cfg, ORPO(cfg))
 
 
-@releases_run_folder_on_error
 def train(cfg: ORPOConfig):
-    """Train and save; returns (summary, trained model, tokenizer)."""
-    return fit(cfg, ORPO(cfg))
+    """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
+    return loop.fit(cfg, ORPO(cfg))

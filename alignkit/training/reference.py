@@ -106,6 +106,18 @@ def build(cfg, kind: str, model_path: Path, backend: Backend, pad_id: int):
                        backend.device)
 
 
+def for_splits(cfg, kind: str, model, model_path: Path, backend: Backend, pad_id: int, sets: dict[str, Sequence],
+               layout: str) -> dict:
+    """Each split's reference (train, eval): one shared reference of `kind`, or each split's own precomputed
+    scores of its pairs."""
+    ref = build(cfg, kind, model_path, backend, pad_id)
+    if kind != "precomputed":
+        return dict.fromkeys(sets, ref)
+    model.to(backend.device)
+    scored = precompute(ref, model, list(sets.values()), cfg, layout, backend, model_path)
+    return dict(zip(sets, scored, strict=True))
+
+
 def precompute(scorer, policy, pair_sets: list[Sequence], cfg, layout: str, backend: Backend,
                model_path: Path) -> list[Precomputed]:
     """Score every pair of each set under `scorer` once (cached on disk); a `Precomputed` per set.
