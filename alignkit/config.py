@@ -143,6 +143,19 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
+class RMConfig(TrainConfig):
+    data: list[str | dict] = _opt([], "preference data, as for dpo: rows with prompt, chosen, rejected (or chosen/"
+                                      "rejected conversations), and optionally a per-pair 'margin' (a number, 0 "
+                                      "where absent); sources may take an amount as for sft", sources=True)
+    lr: float = _opt(1e-5, "peak learning rate (AdamW); LoRA usually wants 1e-4 to 5e-4")
+    center_rewards_coefficient: float = _opt(0.0, "λ of the centring term λ·(r_c + r_r)², which keeps the rewards "
+                                                  "near zero mean (Eisenstein et al. 2023, arXiv 2312.09244; 0: off)")
+    layout: str = _opt("auto", "batch layout: auto (prefix_shared), padded (a micro-batch's sequences padded into "
+                               "one forward pass), or prefix_shared (the prompt encoded once per pair, chosen and "
+                               "rejected attending to it)", choices=["auto", "padded", "prefix_shared"])
+
+
+@dataclass
 class PrefsConfig:
     model: str = _opt("smollm2-135m-instruct", "the model to sample from (folder, .gguf, alias or an alignkit final/)")
     prompts: str | None = _opt(None, "prompts file: rows with a 'prompt' (text or messages)")
@@ -448,6 +461,8 @@ def validate(config: Any) -> None:
             raise UserError(f"'{name}' must be in [0, 1), got {getattr(config, name)}")
     if isinstance(config, DPOConfig):
         validate_dpo(config)
+    if isinstance(config, RMConfig) and config.center_rewards_coefficient < 0:
+        raise UserError(f"'center_rewards_coefficient' must be >= 0, got {config.center_rewards_coefficient}")
     if hasattr(config, "seed") and not 0 <= config.seed < 2**32:
         raise UserError(f"'seed' must be in [0, 2**32), got {config.seed}")
     if isinstance(config, PipelineConfig) and not config.plan:

@@ -57,7 +57,8 @@ class StepResult:
 
 
 class Objective(Protocol):
-    """What a training method tells the loop. Units are whatever the method's forward passes take."""
+    """What a training method tells the loop. Units are whatever the method's forward passes take. An objective
+    may also have `build_model(cfg, model_path, checkpoint)`, for a model other than `build_policy`'s causal LM."""
 
     name: str  # sft | dpo: the run folder's prefix and the progress bar's label
     counts: tuple[str, ...]  # the StepResult counts the run adds up (they go to checkpoints and the summary)
@@ -108,7 +109,7 @@ def fit(cfg, objective: Objective):
 
     model_path, tokenizer, template = load_inputs(cfg)
     data = objective.load_data(tokenizer, template)  # one process tokenises at a time
-    model = build_policy(cfg, model_path, checkpoint)
+    model = getattr(objective, "build_model", build_policy)(cfg, model_path, checkpoint)
     recomputed = recompute.configure(model, cfg.activation_checkpointing,
                                         objective.longest_forward(data.train, backend.device), backend.device,
                                         half=backend.half or cfg.dtype == "bf16",
