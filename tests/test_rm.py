@@ -201,3 +201,16 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(tmp_path
     reference, saved = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("one", "two"))
     assert sorted(saved) == sorted(reference)
     assert max((reference[k] - saved[k]).abs().max().item() for k in reference) < 1e-4
+
+
+def test_a_reward_model_starts_from_an_sft_lora_final(tmp_path, tiny_model_dir):
+    from alignkit.api import make_sft_config
+    from alignkit.recipes import sft
+
+    rows = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in ROWS])
+    sft.run(make_sft_config(model=str(tiny_model_dir), data=[str(rows)], output_dir=str(tmp_path / "sft"),
+                            dtype="fp32", max_steps=1, lora=True, save_steps=0))
+    data = write_jsonl(tmp_path / "prefs.jsonl", ROWS)
+    summary = recipe.run(rm_config(model=str(tmp_path / "sft" / "final"), data=[str(data)], max_steps=2,
+                                   output_dir=str(tmp_path / "rm"), lora=True))
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])

@@ -181,7 +181,8 @@ def merge_final(final: Path, cfg: RMConfig, pad_id: int):
     with no_hub_lookup():
         merged.save_pretrained(staging)
     for item in final.iterdir():
-        if item.is_file() and not item.name.startswith("adapter_") and not (staging / item.name).exists():
+        if item.is_file() and not item.name.startswith("adapter_") and item.name != "README.md" \
+                and not (staging / item.name).exists():
             shutil.copy2(item, staging / item.name)
     shutil.rmtree(final)
     os.replace(staging, final)
