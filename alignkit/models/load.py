@@ -145,15 +145,18 @@ def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str], task_type: str = "CAUSAL_LM"):
+def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str], task_type: str = "CAUSAL_LM",
+             use_dora: bool = False, use_rslora: bool = False, init: str = "default"):
     """Wrap `model` in a peft LoRA adapter; only the adapter weights stay trainable (and, for SEQ_CLS, the score
-    head, which peft keeps whole). Its input dropout draws its masks sparsely (`lora_dropout`): the same
-    distribution, a fraction of the random numbers."""
+    head, which peft keeps whole). DoRA, rsLoRA and the PiSSA / OLoRA initialisations are peft's own options.
+    Its input dropout draws its masks sparsely (`lora_dropout`): the same distribution, a fraction of the random
+    numbers."""
     from peft import LoraConfig, get_peft_model
 
     target_modules = "all-linear" if targets == ["all-linear"] else targets
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type=task_type)
+                        task_type=task_type, use_dora=use_dora, use_rslora=use_rslora,
+                        init_lora_weights=True if init == "default" else init)
     try:
         model = get_peft_model(model, config)
     except ValueError as err:
@@ -178,13 +181,38 @@ def build_policy(cfg, model_path: Path, checkpoint: Path | None, load=None, task
     model = load(weights, dtype, cfg.trust_remote_code)
     if cfg.lora:
         model.name_or_path = model.config._name_or_path = portable_name(cfg.model)
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type)
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type,
+                         cfg.use_dora, cfg.use_rslora, cfg.lora_init)
+        if cfg.lora_init != "default":
+            keep_initial_adapter(model)
         if checkpoint is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(checkpoint / "model" / "adapter_model.safetensors"))
     return model
+
+
+def keep_initial_adapter(model) -> None:
+    """PiSSA and OLoRA move part of each base weight into the adapter's initial A and B, so an adapter saved as
+    it is only suits that changed base. The initial adapter is kept (in a temporary folder) for peft to convert
+    the final one into a plain LoRA of the unchanged base (`path_initial_model_for_weight_conversion`, used by
+    `training.run_folder.save_final`); checkpoints keep the unconverted adapter, which a resume re-initialises
+    the base for."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="alignkit-initial-adapter-")
+    atexit.register(shutil.rmtree, folder, True)
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # loaded back as it is, not initialised again
+    try:
+        with no_hub_lookup():
+            model.save_pretrained(folder)
+    finally:
+        config.init_lora_weights = init
+    model.initial_adapter = folder
 
 
 def load_inputs(cfg):

@@ -122,7 +122,7 @@ def fit(cfg, objective: Objective):
     per_epoch = steps_per_epoch(len(batch_positions(len(data.train), cfg.batch_size, cfg.seed, 0, backend.rank,
                                                     backend.world)), cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
     is_compiled, compiled = compiling.configure(model, cfg.compile, total_steps, backend.device, backend.partitioned)
     for frozen in objective.frozen_models() if is_compiled else []:
