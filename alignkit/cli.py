@@ -25,6 +25,7 @@ from alignkit.config import (
     PipelineConfig,
     PrefsConfig,
     ReportConfig,
+    RMConfig,
     SFTConfig,
     UIConfig,
     field_type,
@@ -63,6 +64,12 @@ COMMANDS = {
                    "KTO (Ethayarajh et al. 2024, arXiv 2402.01306): desirable and undesirable completions, each "
                    "pushed against a KL reference point estimated from mismatched prompt/completion pairs. "
                    f"{OUTPUTS}"),
+    "rm": Command(RMConfig, "alignkit.recipes.rm",
+                  "train a reward model (a scalar head, Bradley–Terry loss) on (prompt, chosen, rejected) pairs",
+                  "Reward modelling as in InstructGPT (Ouyang et al. 2022, arXiv 2203.02155): the model with a "
+                  "one-output score head on the last non-padding token, trained with −log σ(r_c − r_r − margin) "
+                  "(+ λ·(r_c + r_r)²). final/ is a sequence-classification folder that alignkit prefs --reward and "
+                  f"alignkit eval --reward take. {OUTPUTS}"),
     "pipeline": Command(PipelineConfig, "alignkit.pipeline",
                         "run stages of SFT/DPO in sequence (multi-task, sequential, DMT), scoring abilities",
                         "Stages of SFT and DPO from a plan, each starting from the previous stage's final model, "

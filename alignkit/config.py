@@ -71,6 +71,17 @@ class TrainConfig:
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     lora_targets: list[str] = _opt(["all-linear"], "module names to adapt; all-linear means every linear "
                                                    "layer of the blocks (not the output head)")
+    use_dora: bool = _opt(False, "DoRA: each adapted weight split into a trained magnitude and a LoRA-updated "
+                                 "direction (Liu et al. 2024, arXiv 2402.09353; peft's use_dora)")
+    use_rslora: bool = _opt(False, "rsLoRA: scale the adapter by alpha / sqrt(r) instead of alpha / r, so that "
+                                   "higher ranks keep learning (Kalajdzievski 2023, arXiv 2312.03732)")
+    lora_init: str = _opt("default", "LoRA initialisation: default (B = 0), pissa (A, B from the top-r singular "
+                                     "vectors of the weight, the rest kept frozen; Meng et al. 2024, arXiv "
+                                     "2404.02948) or olora (an orthonormal QR basis of the weight; Büyükakyüz 2024, "
+                                     "arXiv 2406.01775); final/ then holds the adapter converted to a plain LoRA "
+                                     "of the unchanged base (rank 2r)", choices=["default", "pissa", "olora"])
+    loraplus_lr_ratio: float = _opt(1.0, "LoRA+: the B matrices learn at lr x this ratio (Hayou et al. 2024, "
+                                         "arXiv 2402.12354, who suggest about 16; 1: plain LoRA)")
     activation_checkpointing: str = _opt("auto", "recompute layer activations in the backward pass to save memory: "
                                                  "auto (only when the largest forward pass would not fit, and then "
                                                  "only as many layers as needed), on or off",
@@ -113,6 +124,10 @@ class SFTConfig(TrainConfig):
                        choices=["auto", "padded", "per_sequence", "packed"])
     data_format: str = _opt("auto", "row format: auto, prompt_completion, messages, alpaca, sharegpt or text",
                             choices=["auto", "prompt_completion", "messages", "alpaca", "sharegpt", "text"])
+    neftune_noise_alpha: float = _opt(0.0, "NEFTune: add uniform noise U(-1, 1)·alpha/sqrt(L·d) to the input "
+                                           "embeddings while training (L: the forward pass's tokens per row, d: "
+                                           "the embedding width; never in evaluation or generation); Jain et al. "
+                                           "2023, arXiv 2310.05914, used alpha 5 to 15 (0: off)")
 
 
 LOSS_TYPES = ["sigmoid", "robust", "ipo", "hinge", "simpo", "sft"]
@@ -134,7 +149,8 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = _opt(0.0, "ε: the assumed fraction of flipped preference labels (sigmoid, robust)")
     simpo_gamma: float = _opt(0.5, "γ: SimPO's target reward margin")
     reference: str = _opt("auto", "reference model: copy, adapter (LoRA only), precomputed or none; auto picks "
-                                  "adapter under LoRA, none for reference-free losses, else copy",
+                                  "adapter under LoRA (copy with lora_init pissa/olora), none for reference-free "
+                                  "losses, else copy",
                           choices=["auto", "copy", "adapter", "precomputed", "none"])
     ref_model: str | None = _opt(None, "reference model (folder, .gguf or alias) instead of the initial policy")
     layout: str = _opt("auto", "batch layout: auto (prefix_shared), padded, per_sequence, or prefix_shared (the "
@@ -175,6 +191,19 @@ class KTOConfig(TrainConfig):
     ref_model: str | None = _opt(None, "reference model (folder, .gguf or alias) instead of the initial policy")
     layout: str = _opt("auto", "batch layout: auto (one sequence per forward), padded (a micro-batch per "
                                "forward) or per_sequence", choices=["auto", "padded", "per_sequence"])
+
+@dataclass
+class RMConfig(TrainConfig):
+    data: list[str | dict] = _opt([], "preference data, as for dpo: rows with prompt, chosen, rejected (or chosen/"
+                                      "rejected conversations), and optionally a per-pair 'margin' (a number, 0 "
+                                      "where absent); sources may take an amount as for sft", sources=True)
+    lr: float = _opt(1e-5, "peak learning rate (AdamW); LoRA usually wants 1e-4 to 5e-4")
+    center_rewards_coefficient: float = _opt(0.0, "λ of the centring term λ·(r_c + r_r)², which keeps the rewards "
+                                                  "near zero mean (Eisenstein et al. 2023, arXiv 2312.09244; 0: off)")
+    layout: str = _opt("auto", "batch layout: auto (prefix_shared), padded (a micro-batch's sequences padded into "
+                               "one forward pass), or prefix_shared (the prompt encoded once per pair, chosen and "
+                               "rejected attending to it)", choices=["auto", "padded", "prefix_shared"])
+
 
 @dataclass
 class PrefsConfig:
@@ -492,6 +521,12 @@ def validate(config: Any) -> None:
         validate_dpo(config)
     if isinstance(config, (ORPOConfig, KTOConfig)):
         validate_feedback(config)
+    if isinstance(config, TrainConfig):
+        validate_lora(config)
+    if isinstance(config, SFTConfig) and config.neftune_noise_alpha < 0:
+        raise UserError(f"'neftune_noise_alpha' must be >= 0, got {config.neftune_noise_alpha}")
+    if isinstance(config, RMConfig) and config.center_rewards_coefficient < 0:
+        raise UserError(f"'center_rewards_coefficient' must be >= 0, got {config.center_rewards_coefficient}")
     if hasattr(config, "seed") and not 0 <= config.seed < 2**32:
         raise UserError(f"'seed' must be in [0, 2**32), got {config.seed}")
     if isinstance(config, PipelineConfig) and not config.plan:
@@ -511,6 +546,23 @@ def validate(config: Any) -> None:
         require_packages(config.report_to)
 
 
+def validate_lora(config: TrainConfig) -> None:
+    if config.loraplus_lr_ratio <= 0:
+        raise UserError(f"'loraplus_lr_ratio' must be > 0, got {config.loraplus_lr_ratio}")
+    variants = [name for name, on in (("use_dora", config.use_dora), ("use_rslora", config.use_rslora),
+                                      ("lora_init", config.lora_init != "default"),
+                                      ("loraplus_lr_ratio", config.loraplus_lr_ratio != 1.0)) if on]
+    if variants and not config.lora:
+        raise UserError(f"{', '.join(variants)} only apply to LoRA: set lora: true (--lora)")
+    # final/ holds a PiSSA / OLoRA adapter as peft converts it, which keeps the A and B matrices only
+    if config.lora_init != "default" and config.use_dora:
+        raise UserError(f"lora_init {config.lora_init} cannot be combined with use_dora (the saved adapter would "
+                        "lose its magnitude vectors)")
+    if config.lora_init != "default" and isinstance(config, RMConfig):
+        raise UserError(f"lora_init {config.lora_init} is not available for reward models (the saved adapter "
+                        "would lose the score head)")
+
+
 def validate_dpo(config: DPOConfig) -> None:
     if config.beta <= 0:
         raise UserError(f"'beta' must be > 0, got {config.beta}")
@@ -521,6 +573,9 @@ def validate_dpo(config: DPOConfig) -> None:
         raise UserError(f"'label_smoothing' must be in [0, 0.5), got {config.label_smoothing}")
     if config.reference == "adapter" and not config.lora:
         raise UserError("reference 'adapter' needs lora: true (the base under the adapter is the reference)")
+    if config.reference == "adapter" and config.lora_init != "default":
+        raise UserError(f"reference 'adapter' cannot be used with lora_init {config.lora_init}, which changes the "
+                        "base under the adapter; use reference copy or precomputed")
     if config.reference == "none" and not set(config.loss_type) <= REFERENCE_FREE:
         raise UserError(f"reference 'none' only suits reference-free losses ({', '.join(sorted(REFERENCE_FREE))})")
 

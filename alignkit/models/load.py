@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 
@@ -114,20 +115,48 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
         raise UserError(f"{path}: cannot load the model ({err})") from None
 
 
+def load_reward_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, pad_id: int):
+    """A sequence-classification model with one output from a causal LM folder (its body's weights, a new score
+    head) or from a reward model folder (all its weights). `pad_id` goes into its config: transformers scores the
+    last token that is not padding."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        if is_adapter(path):  # an SFT LoRA final/: merged into its base first
+            causal = load_model(path, dtype, trust_remote_code)
+            config = copy.deepcopy(causal.config)
+            config.num_labels, config.pad_token_id = 1, pad_id
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code)
+            body = getattr(model, model.base_model_prefix)
+            body.load_state_dict(getattr(causal, causal.base_model_prefix).state_dict())
+            return model
+        config = AutoConfig.from_pretrained(path, num_labels=1, pad_token_id=pad_id,
+                                            trust_remote_code=trust_remote_code)
+        return AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype,
+                                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{path}: cannot load it as a reward model ({err})") from None
+
+
 def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP and DeepSpeed engines (`.module`) and a peft wrapper."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str]):
-    """Wrap `model` in a peft LoRA adapter; only the adapter weights stay trainable. Its input dropout draws its
-    masks sparsely (`lora_dropout`): the same distribution, a fraction of the random numbers."""
+def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str], task_type: str = "CAUSAL_LM",
+             use_dora: bool = False, use_rslora: bool = False, init: str = "default"):
+    """Wrap `model` in a peft LoRA adapter; only the adapter weights stay trainable (and, for SEQ_CLS, the score
+    head, which peft keeps whole). DoRA, rsLoRA and the PiSSA / OLoRA initialisations are peft's own options.
+    Its input dropout draws its masks sparsely (`lora_dropout`): the same distribution, a fraction of the random
+    numbers."""
     from peft import LoraConfig, get_peft_model
 
     target_modules = "all-linear" if targets == ["all-linear"] else targets
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM")
+                        task_type=task_type, use_dora=use_dora, use_rslora=use_rslora,
+                        init_lora_weights=True if init == "default" else init)
     try:
         model = get_peft_model(model, config)
     except ValueError as err:
@@ -136,9 +165,11 @@ def add_lora(model, r: int, alpha: float, dropout: float, targets: list[str]):
     return model
 
 
-def build_policy(cfg, model_path: Path, checkpoint: Path | None):
+def build_policy(cfg, model_path: Path, checkpoint: Path | None, load=None, task_type: str = "CAUSAL_LM"):
     """The model to train: full weights or base + LoRA, from the checkpoint when resuming. A LoRA adapter names
-    `cfg.model` as its base (`portable_name`), so it still loads once the cache has moved."""
+    `cfg.model` as its base (`portable_name`), so it still loads once the cache has moved. `load(path, dtype,
+    trust_remote_code)` makes the model (default `load_model`, a causal LM)."""
+    load = load or load_model
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     # A full fine-tune resumes from the checkpoint's weights; LoRA reloads the base and then the adapter.
     if checkpoint is not None:
@@ -147,16 +178,41 @@ def build_policy(cfg, model_path: Path, checkpoint: Path | None):
             kind = "a LoRA adapter" if saved_lora else "full weights"
             raise UserError(f"{checkpoint}: holds {kind}; resume with lora: {str(saved_lora).lower()}")
     weights = checkpoint / "model" if checkpoint is not None and not cfg.lora else model_path
-    model = load_model(weights, dtype, cfg.trust_remote_code)
+    model = load(weights, dtype, cfg.trust_remote_code)
     if cfg.lora:
         model.name_or_path = model.config._name_or_path = portable_name(cfg.model)
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type,
+                         cfg.use_dora, cfg.use_rslora, cfg.lora_init)
+        if cfg.lora_init != "default":
+            keep_initial_adapter(model)
         if checkpoint is not None:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(checkpoint / "model" / "adapter_model.safetensors"))
     return model
+
+
+def keep_initial_adapter(model) -> None:
+    """PiSSA and OLoRA move part of each base weight into the adapter's initial A and B, so an adapter saved as
+    it is only suits that changed base. The initial adapter is kept (in a temporary folder) for peft to convert
+    the final one into a plain LoRA of the unchanged base (`path_initial_model_for_weight_conversion`, used by
+    `training.run_folder.save_final`); checkpoints keep the unconverted adapter, which a resume re-initialises
+    the base for."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="alignkit-initial-adapter-")
+    atexit.register(shutil.rmtree, folder, True)
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # loaded back as it is, not initialised again
+    try:
+        with no_hub_lookup():
+            model.save_pretrained(folder)
+    finally:
+        config.init_lora_weights = init
+    model.initial_adapter = folder
 
 
 def load_inputs(cfg):

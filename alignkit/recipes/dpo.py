@@ -151,7 +151,8 @@ def reference_kind(cfg: DPOConfig) -> str:
         return cfg.reference
     if set(cfg.loss_type) <= REFERENCE_FREE:
         return "none"
-    return "adapter" if cfg.lora and cfg.ref_model is None else "copy"
+    # PiSSA and OLoRA change the base under the adapter: it is no longer the initial policy
+    return "adapter" if cfg.lora and cfg.ref_model is None and cfg.lora_init == "default" else "copy"
 
 
 def pair_metrics(beta: float, policy_c, policy_r, ref_c, ref_r) -> dict[str, torch.Tensor]:

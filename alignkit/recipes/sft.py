@@ -21,6 +21,7 @@ from alignkit.data.tokenize import Rendering, merge_stats, trained_label_count
 from alignkit.errors import UserError
 from alignkit.log import log
 from alignkit.losses import mean_nll
+from alignkit.models import neftune
 from alignkit.training import loop
 from alignkit.training.data_order import split_eval
 from alignkit.training.forward import unit_sequence_logps
@@ -35,6 +36,7 @@ class SFT:
         self.cfg = cfg
         self.device = torch.device("cpu")
         self.pad_id = 0
+        self.neftune = None  # the noise hook's handle, removed once training ends
 
     def load_data(self, tokenizer, template: str) -> Data:
         self.pad_id = tokenizer.pad_token_id
@@ -50,6 +52,8 @@ class SFT:
 
     def setup(self, model, model_path, backend, data: Data) -> None:
         self.device = backend.device
+        if self.cfg.neftune_noise_alpha:
+            self.neftune = neftune.attach(model, self.cfg.neftune_noise_alpha)
 
     def frozen_models(self) -> list:
         return []
@@ -138,4 +142,9 @@ def run(cfg: SFTConfig) -> dict:
 
 def train(cfg: SFTConfig):
     """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
-    return loop.fit(cfg, SFT(cfg))
+    objective = SFT(cfg)
+    try:
+        return loop.fit(cfg, objective)
+    finally:
+        if objective.neftune is not None:  # the returned model generates without noise whatever its mode
+            objective.neftune.remove()

@@ -65,7 +65,8 @@ class StepResult:
 
 
 class Objective(Protocol):
-    """What a training method tells the loop. Units are whatever the method's forward passes take."""
+    """What a training method tells the loop. Units are whatever the method's forward passes take. An objective
+    may also have `build_model(cfg, model_path, checkpoint)`, for a model other than `build_policy`'s causal LM."""
 
     name: str  # sft | dpo: the run folder's prefix and the progress bar's label
     counts: tuple[str, ...]  # the StepResult counts the run adds up (they go to checkpoints and the summary)
@@ -124,7 +125,7 @@ def fit(cfg, objective: Objective):
 
     model_path, tokenizer, template = load_inputs(cfg)
     data = objective.load_data(tokenizer, template)  # one process tokenises at a time
-    model = build_policy(cfg, model_path, checkpoint)
+    model = getattr(objective, "build_model", build_policy)(cfg, model_path, checkpoint)
     recomputed = recompute.configure(model, cfg.activation_checkpointing,
                                         objective.longest_forward(data.train, backend.device), backend.device,
                                         half=backend.half or cfg.dtype == "bf16",
@@ -138,7 +139,7 @@ def fit(cfg, objective: Objective):
     per_epoch = steps_per_epoch(len(batch_positions(len(data.train), cfg.batch_size, cfg.seed, 0, backend.rank,
                                                     backend.world)), cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.loraplus_lr_ratio)
     scheduler = build_scheduler(optimizer, cfg.lr_scheduler, total_steps, cfg.warmup_ratio)
     is_compiled, compiled = compiling.configure(model, cfg.compile, total_steps, backend.device, backend.partitioned)
     for frozen in objective.frozen_models() if is_compiled else []:

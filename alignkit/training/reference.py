@@ -95,7 +95,7 @@ class Precomputed:
 def build(cfg, kind: str, model_path: Path, backend: Backend, pad_id: int):
     """The reference of `kind` (see `config.DPOConfig.reference`); `precomputed` first builds the reference it
     scores with (a frozen copy, or the adapter-off policy under LoRA without ref_model)."""
-    adapter_source = cfg.lora and cfg.ref_model is None
+    adapter_source = cfg.lora and cfg.ref_model is None and cfg.lora_init == "default"  # see dpo.reference_kind
     if kind == "none":
         return NoReference(backend.device)
     if kind == "adapter" or (kind == "precomputed" and adapter_source):

@@ -111,8 +111,11 @@ def save_final(model, tokenizer, out: Path, backend) -> Path:
     if backend.is_main:
         try:
             shutil.rmtree(staging, ignore_errors=True)
+            unwrapped = backend.unwrap(model)
+            initial = getattr(unwrapped, "initial_adapter", None)  # PiSSA / OLoRA: see models.load
+            converted = {"path_initial_model_for_weight_conversion": initial} if initial else {}
             with no_hub_lookup():
-                backend.unwrap(model).save_pretrained(staging, state_dict=weights)
+                unwrapped.save_pretrained(staging, state_dict=weights, **converted)
             tokenizer.save_pretrained(staging)
             if final.exists():
                 shutil.rmtree(final)
