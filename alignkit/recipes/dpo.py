@@ -202,6 +202,10 @@ def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[Seque
 
 def run(cfg: DPOConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
+    if cfg.online:
+        from alignkit.recipes import online_dpo
+
+        return online_dpo.run(cfg)
     if wants_relaunch(cfg):
         return relaunch(cfg, "dpo")
     return train(cfg)[0]

@@ -96,8 +96,11 @@ class Objective(Protocol):
     def summary(self, state: RunState, last: StepResult) -> dict: ...
 
 
-def fit(cfg, objective: Objective):
-    """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
+def fit(cfg, objective: Objective, policy=None):
+    """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them.
+
+    `policy`: a model already in memory to go on training (one process, no resume), instead of loading
+    `cfg.model`."""
     started = time.time()
     backend = Backend.build(cfg.dtype, cfg.strategy)
     out = check_output_dir(cfg, objective.name, backend.is_main)
@@ -108,7 +111,7 @@ def fit(cfg, objective: Objective):
 
     model_path, tokenizer, template = load_inputs(cfg)
     data = objective.load_data(tokenizer, template)  # one process tokenises at a time
-    model = build_policy(cfg, model_path, checkpoint)
+    model = build_policy(cfg, model_path, checkpoint) if policy is None else policy
     recomputed = recompute.configure(model, cfg.activation_checkpointing,
                                         objective.longest_forward(data.train, backend.device), backend.device,
                                         half=backend.half or cfg.dtype == "bf16",
