@@ -51,7 +51,9 @@ COMMANDS = {
                    f"Supervised fine-tuning: cross-entropy on completion / assistant tokens only. {OUTPUTS}"),
     "dpo": Command(DPOConfig, "alignkit.recipes.dpo",
                    "direct preference optimisation on (prompt, chosen, rejected) pairs",
-                   f"DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. {OUTPUTS}"),
+                   f"DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. {OUTPUTS} "
+                   "With --online: rounds of sampling --prompts from the policy being trained, scoring with --reward "
+                   "and training on best-vs-worst pairs (docs/dpo.md); each round in RUN/round-R/."),
     "pipeline": Command(PipelineConfig, "alignkit.pipeline",
                         "run stages of SFT/DPO in sequence (multi-task, sequential, DMT), scoring abilities",
                         "Stages of SFT and DPO from a plan, each starting from the previous stage's final model, "

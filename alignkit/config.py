@@ -160,6 +160,10 @@ class DPOConfig(TrainConfig):
     temperature: float = _opt(1.0, "with online: sampling temperature")
     top_p: float = _opt(1.0, "with online: nucleus sampling threshold")
     generation_batch_size: int = _opt(16, "with online: prompts per generation batch (each with its n samples)")
+    sample_from_copy: bool = _opt(True, "with online under bf16 autocast: sample from a copy of the current weights, "
+                                        "LoRA merged and linear layers in bf16 (no weight cast or adapter branch in "
+                                        "any decoding step; costs a bf16 copy's memory while sampling); false: "
+                                        "from the live policy")
 
 
 @dataclass

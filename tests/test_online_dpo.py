@@ -111,3 +111,43 @@ def test_judge_reward_scores_each_completion_against_the_others(tiny_model_dir):
     scores = load_reward(f"judge:{tiny_model_dir}")(["Q"] * 3, ["yes", "no", "maybe"])
     assert len(scores) == 3 and all(0 <= s <= 1 for s in scores)
     assert sum(scores) == pytest.approx(1.5)  # every match hands out one point in all
+
+
+def test_an_online_stage_of_a_pipeline_starts_from_the_previous_stage(tmp_path, tiny_model_dir, reward_spec):
+    import yaml
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Say {i}.", "completion": f"ok {i}"} for i in range(4)])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in ("Hello there", "Add 12.")])
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "output_dir": str(tmp_path / "pipe"),
+        "defaults": {"dtype": "auto", "lr": 5e-3, "save_steps": 0},  # auto: the sampling copy where bf16 runs
+        "stages": [{"name": "sft", "method": "sft", "data": [str(sft)], "max_steps": 1},
+                   {"name": "online", "method": "dpo", "online": True, "prompts": str(prompts), "reward": reward_spec,
+                    "rounds": 2, "n": 3, "max_new_tokens": 6}]}))
+    assert main(["pipeline", str(plan)]) == 0
+    out = tmp_path / "pipe" / "02-online"
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"] == str(tmp_path / "pipe" / "01-sft" / "final")
+    assert [r["round"] for r in rows(out / "metrics.jsonl")] == [1, 2]
+    assert main(["pipeline", str(plan), "--resume"]) == 0  # finished: skipped
+
+
+def test_the_sampling_copy_computes_the_live_policy(tokenizer):
+    import torch
+
+    from alignkit.models.load import add_lora
+    from alignkit.recipes.online_dpo import sampling_copy
+    from tests.conftest import build_model
+
+    policy = add_lora(build_model(tokenizer), 4, 8, 0.0, ["all-linear"])
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.05)  # an adapter that has trained
+    ids = tokenizer(["Hello there, what is 42?"], return_tensors="pt")["input_ids"]
+    copy = sampling_copy(policy)
+    assert not hasattr(copy, "disable_adapter")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        live, copied = policy.eval()(ids).logits.float(), copy(ids).logits.float()
+    assert (live - copied).abs().max() < 0.05 * live.abs().max()
+    assert any(p.dtype == torch.float32 for p in policy.parameters())  # the policy itself is untouched

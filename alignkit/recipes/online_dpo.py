@@ -2,7 +2,8 @@
 pairing and DPO on those pairs.
 
 Round r of R, in RUN/round-r/:
-  1. n completions per prompt sampled from the current policy: the weights in memory, a LoRA adapter live,
+  1. n completions per prompt sampled from the current policy: the weights in memory (under bf16 autocast a
+     copy of them, LoRA merged, linear layers in bf16: `sampling_copy`; else the live model, adapter and all),
      the prompts batched with a KV cache (`make_prefs.sample_completions`), seed + r;
   2. scored by the reward (`rewards.load_reward`: a function, a classifier folder or a judge model) and paired
      best against worst above the margin (`make_prefs.pair_samples`): samples.jsonl, pairs.jsonl;
@@ -36,7 +37,7 @@ from alignkit.make_prefs import pair_samples, read_prompts, sample_completions, 
 from alignkit.models.load import build_policy, load_inputs, load_model
 from alignkit.recipes.dpo import DPO, reference_kind
 from alignkit.rewards import load_reward
-from alignkit.training.backend import mixed_precision
+from alignkit.training.backend import mixed_precision, store_linear_weights_in_bf16
 from alignkit.training.loop import fit
 from alignkit.training.reference import FrozenModel
 from alignkit.training.run_folder import (
@@ -72,6 +73,16 @@ def frozen_copy(model):
     return duplicate.merge_and_unload() if hasattr(duplicate, "merge_and_unload") else duplicate
 
 
+def sampling_copy(policy):
+    """The policy's current weights to sample from under bf16 autocast: a LoRA adapter merged and the linear
+    layers stored in bf16, the dtype autocast computes them in, so no decoding step casts a weight or runs an
+    adapter branch."""
+    duplicate = frozen_copy(policy)
+    duplicate.requires_grad_(False)
+    store_linear_weights_in_bf16(duplicate)
+    return duplicate.eval()
+
+
 @releases_run_folder_on_error
 def run(cfg: DPOConfig) -> dict:
     """Every round, then RUN/final/ and RUN/summary.json; returns the summary."""
@@ -81,18 +92,12 @@ def run(cfg: DPOConfig) -> dict:
         raise UserError(f"{cfg.prompts}: no prompts")
     out = check_output_dir(cfg, "dpo-online")
     model_path, tokenizer, _ = load_inputs(cfg)
-    claim_output_dir(cfg, out, True)
-    if cfg.overwrite and not cfg.resume:
-        for folder in out.glob("round-*"):
-            shutil.rmtree(folder)
-    save_yaml(cfg, out / "config.yaml")
-    rows = finished_rounds(out, cfg.rounds) if cfg.resume else []
-    if cfg.resume:
-        log(f"resuming after round {len(rows)} of {cfg.rounds}" if rows else "no finished round: starting at round 1")
+    rows = claim(cfg, out)
     policy = starting_policy(cfg, model_path, out / f"round-{len(rows)}" / "final" if rows else None)
     kept = None
     for r in range(len(rows) + 1, cfg.rounds + 1):
-        row, policy, objective = run_round(cfg, r, out, policy, tokenizer, prompts, reward, kept)
+        row, policy, objective = run_round(cfg, r, out, policy, tokenizer, prompts, reward, kept,
+                                           sum(done["steps"] for done in rows))
         if cfg.online_reference == "start" and reference_kind(cfg) == "copy":
             kept = objective.references["train"]
         rows.append(row)
@@ -100,8 +105,23 @@ def run(cfg: DPOConfig) -> dict:
     return finish(cfg, out, rows)
 
 
-def run_round(cfg: DPOConfig, r: int, out: Path, policy, tokenizer, prompts: list, reward, kept):
-    """Sample, score, pair and train round r; (its metrics row, the trained policy, its DPO objective)."""
+def claim(cfg: DPOConfig, out: Path) -> list[dict]:
+    """Create or reuse the run folder; the rows of the rounds a resume keeps."""
+    claim_output_dir(cfg, out, True)
+    if cfg.overwrite and not cfg.resume:
+        for folder in out.glob("round-*"):
+            shutil.rmtree(folder)
+    save_yaml(cfg, out / "config.yaml")
+    if not cfg.resume:
+        return []
+    rows = finished_rounds(out, cfg.rounds)
+    log(f"resuming after round {len(rows)} of {cfg.rounds}" if rows else "no finished round: starting at round 1")
+    return rows
+
+
+def run_round(cfg: DPOConfig, r: int, out: Path, policy, tokenizer, prompts: list, reward, kept, steps_before: int):
+    """Sample, score, pair and train round r; (its metrics row, the trained policy, its DPO objective). The row's
+    `step` counts the optimizer steps of every round so far, so `alignkit report` plots rounds as steps."""
     folder = out / f"round-{r}"
     sampling = sample_round(cfg, r, folder, policy, tokenizer, prompts, reward)
     round_cfg = replace(cfg, online=False, data=[str(folder / "pairs.jsonl")], output_dir=str(folder),
@@ -109,19 +129,25 @@ def run_round(cfg: DPOConfig, r: int, out: Path, policy, tokenizer, prompts: lis
     objective = RoundDPO(round_cfg, kept, copy_policy=cfg.online_reference == "previous" and r > 1
                          and reference_kind(cfg) != "none")
     summary, policy, _ = fit(round_cfg, objective, policy)
-    training, wall = summary["train_seconds"], summary["wall_seconds"]
-    row = {"round": r, **sampling, "training_s": training, "loading_saving_s": round(wall - training, 2),
-           "round_s": round(sampling["generation_s"] + sampling["scoring_s"] + wall, 2),
-           "generation_plus_training_vs_training": round((sampling["generation_s"] + training) / max(training, 1e-9),
-                                                         3),
-           **{k: summary.get(k) for k in ("steps", "final_loss", "rewards/accuracies", "rewards/margins",
-                                          "trained_pairs", "reference")}}
+    row = round_row(r, steps_before, sampling, summary)
     (folder / ROUND_FILE).write_text(json.dumps(row, indent=1))
     log(f"round {r}/{cfg.rounds}: {row['pairs']} pairs from {row['prompts']} prompts x {cfg.n} samples (mean reward "
         f"{row['mean_reward']:.3f}); generation {row['generation_s']:.1f}s, scoring {row['scoring_s']:.1f}s, "
-        f"training {training:.1f}s, loading and saving {row['loading_saving_s']:.1f}s; generation + training = "
-        f"{row['generation_plus_training_vs_training']:.2f}x training alone")
+        f"training {row['training_s']:.1f}s, loading and saving {row['loading_saving_s']:.1f}s; generation + "
+        f"training = {row['generation_plus_training_vs_training']:.2f}x training alone")
     return row, policy, objective
+
+
+def round_row(r: int, steps_before: int, sampling: dict, summary: dict) -> dict:
+    """Round r's metrics row: its pairs, its time split and its DPO run's last metrics."""
+    training, wall = summary["train_seconds"], summary["wall_seconds"]
+    return {"round": r, "step": steps_before + summary["steps"], **sampling, "training_s": training,
+            "loading_saving_s": round(wall - training, 2),
+            "round_s": round(sampling["generation_s"] + sampling["scoring_s"] + wall, 2),
+            "generation_plus_training_vs_training": round((sampling["generation_s"] + training)
+                                                          / max(training, 1e-9), 3),
+            **{k: summary.get(k) for k in ("steps", "final_loss", "rewards/accuracies", "rewards/margins",
+                                           "trained_pairs", "reference")}}
 
 
 def sample_round(cfg: DPOConfig, r: int, folder: Path, policy, tokenizer, prompts: list, reward) -> dict:
@@ -134,8 +160,10 @@ def sample_round(cfg: DPOConfig, r: int, folder: Path, policy, tokenizer, prompt
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = cfg.dtype == "auto" and mixed_precision("auto") == "bf16"
     began = time.time()
-    samples = sample_completions(policy.to(device), tokenizer, prompts, cfg.n, cfg.max_new_tokens, cfg.temperature,
-                                 cfg.top_p, cfg.generation_batch_size, cfg.seed + r, autocast)
+    sampler = sampling_copy(policy.to(device)) if autocast and cfg.sample_from_copy else policy.to(device)
+    samples = sample_completions(sampler, tokenizer, prompts, cfg.n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                 cfg.generation_batch_size, cfg.seed + r, autocast)
+    del sampler
     generated = time.time()
     rewards = score_samples(prompts, samples, reward)
     scored = time.time()
