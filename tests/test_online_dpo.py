@@ -50,9 +50,13 @@ def round_samples(model, tokenizer, prompts: list[str], seed: int) -> list[str]:
     return [s.text for group in samples for s in group]
 
 
-def test_round_two_samples_the_round_one_policy_against_the_start_reference(tmp_path, tiny_model_dir, reward_spec):
+def test_round_two_samples_the_round_one_policy_against_the_start_reference(tmp_path, tiny_model_dir, reward_spec,
+                                                                            capsys):
     code, out = online(tmp_path, tiny_model_dir, reward_spec)
     assert code == 0
+    logged = [line for line in capsys.readouterr().err.splitlines() if line.startswith("alignkit: round ")]
+    assert len(logged) == 2 and all("generation" in line and "scoring" in line and "training" in line
+                                    for line in logged)
     tokenizer = load_tokenizer(tiny_model_dir)
     prompts = [r["prompt"] for r in rows(tmp_path / "prompts.jsonl")]
     second = [r["completion"] for r in rows(out / "round-2" / "samples.jsonl")]
