@@ -54,7 +54,9 @@ COMMANDS = {
                    f"Supervised fine-tuning: cross-entropy on completion / assistant tokens only. {OUTPUTS}"),
     "dpo": Command(DPOConfig, "alignkit.recipes.dpo",
                    "direct preference optimisation on (prompt, chosen, rejected) pairs",
-                   f"DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. {OUTPUTS}"),
+                   f"DPO and its relatives (robust, IPO, hinge, SimPO, + an SFT term) on preference pairs. {OUTPUTS} "
+                   "With --online: rounds of sampling --prompts from the policy being trained, scoring with --reward "
+                   "and training on best-vs-worst pairs (docs/dpo.md); each round in RUN/round-R/."),
     "orpo": Command(ORPOConfig, "alignkit.recipes.orpo",
                     "ORPO: SFT plus an odds-ratio preference term on (prompt, chosen, rejected) pairs, no reference",
                     "ORPO (Hong et al. 2024, arXiv 2403.07691): the chosen completions' NLL plus beta (lambda) "

@@ -156,6 +156,30 @@ class DPOConfig(TrainConfig):
     layout: str = _opt("auto", "batch layout: auto (prefix_shared), padded, per_sequence, or prefix_shared (the "
                                "prompt encoded once per pair, chosen and rejected attending to it)",
                        choices=["auto", "padded", "per_sequence", "prefix_shared"])
+    # Online (iterative) DPO: the pairs of each round come from the policy being trained (docs/dpo.md)
+    online: bool = _opt(False, "online DPO: each round samples n completions per prompt from the current policy, "
+                               "scores them with reward, pairs best against worst and trains on those pairs "
+                               "(data is then not needed)")
+    prompts: str | None = _opt(None, "with online: the prompts file (rows with a 'prompt', text or messages)")
+    reward: str = _opt("sentiment", "with online: sentiment (VADER), module:function, a sequence-classification "
+                                    "folder, or judge:MODEL (a local model judging the samples pairwise, both "
+                                    "orders)")
+    rounds: int = _opt(2, "with online: rounds of sampling, scoring and training")
+    online_reference: str = _opt("start", "with online: the reference of every round, start (the starting model) "
+                                          "or previous (the policy as the round begins)",
+                                 choices=["start", "previous"])
+    n: int = _opt(4, "with online: completions sampled per prompt each round")
+    pairs: str = _opt("best-worst", "with online: best-worst (one pair per prompt) or all (every pair above the "
+                                    "margin)", choices=["best-worst", "all"])
+    margin: float = _opt(0.0, "with online: keep a pair only when its rewards differ by more than this")
+    max_new_tokens: int = _opt(48, "with online: longest sampled completion, in tokens")
+    temperature: float = _opt(1.0, "with online: sampling temperature")
+    top_p: float = _opt(1.0, "with online: nucleus sampling threshold")
+    generation_batch_size: int = _opt(16, "with online: prompts per generation batch (each with its n samples)")
+    sample_from_copy: bool = _opt(True, "with online under bf16 autocast: sample from a copy of the current weights, "
+                                        "LoRA merged and linear layers in bf16 (no weight cast or adapter branch in "
+                                        "any decoding step; costs a bf16 copy's memory while sampling); false: "
+                                        "from the live policy")
 
 
 
@@ -533,7 +557,7 @@ def validate(config: Any) -> None:
         raise UserError("give the plan: alignkit pipeline PLAN.yaml")
     if not isinstance(config, TrainConfig):
         return
-    if not config.data:
+    if not config.data and not getattr(config, "online", False):
         raise UserError("no training data: set 'data' (--data FILE [FILE ...])")
     from alignkit.data.mixture import check_amounts
 
@@ -578,6 +602,29 @@ def validate_dpo(config: DPOConfig) -> None:
                         "base under the adapter; use reference copy or precomputed")
     if config.reference == "none" and not set(config.loss_type) <= REFERENCE_FREE:
         raise UserError(f"reference 'none' only suits reference-free losses ({', '.join(sorted(REFERENCE_FREE))})")
+    if config.online:
+        validate_online(config)
+
+
+def validate_online(config: DPOConfig) -> None:
+    if not config.prompts:
+        raise UserError("online DPO samples from prompts: set --prompts FILE")
+    if not Path(config.prompts).is_file():
+        raise UserError(f"{config.prompts}: prompts file not found")
+    if config.data:
+        raise UserError("online DPO makes its own pairs: give --prompts, not --data")
+    for name in ("rounds", "max_new_tokens", "generation_batch_size"):
+        if getattr(config, name) <= 0:
+            raise UserError(f"'{name}' must be > 0, got {getattr(config, name)}")
+    if config.n < 2:
+        raise UserError(f"'n' must be at least 2 to form pairs, got {config.n}")
+    if config.temperature <= 0:
+        raise UserError(f"'temperature' must be > 0 (greedy samples of a prompt are all alike), got "
+                        f"{config.temperature}")
+    if config.num_processes > 1:
+        raise UserError("online DPO runs in one process: set num_processes to 1")
+    if config.online_reference == "previous" and config.reference not in ("auto", "copy"):
+        raise UserError("online_reference 'previous' is a frozen copy of the policy: set reference to auto or copy")
 
 
 

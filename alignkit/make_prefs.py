@@ -13,7 +13,7 @@ from pathlib import Path
 
 from alignkit.data.sources import read_rows
 from alignkit.errors import UserError
-from alignkit.generation import generate
+from alignkit.generation import Sample, generate
 from alignkit.rewards import Reward
 
 
@@ -63,22 +63,46 @@ def pair_up(prompt, completions: list[str], rewards: list[float], pairing: str =
 def make_preferences(model, tokenizer, prompts: list, reward: Reward, n: int = 4, pairing: str = "best-worst",
                      margin: float = 0.0, max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0,
                      batch_size: int = 16, seed: int = 0, autocast: bool = False) -> tuple[list[dict], PrefsStats]:
+    samples = sample_completions(model, tokenizer, prompts, n, max_new_tokens, temperature, top_p, batch_size, seed,
+                                 autocast)
+    rewards = score_samples(prompts, samples, reward)
+    return pair_samples(prompts, samples, rewards, pairing, margin)
+
+
+def sample_completions(model, tokenizer, prompts: list, n: int = 4, max_new_tokens: int = 48,
+                       temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
+                       autocast: bool = False, show_progress: bool = True) -> list[list[Sample]]:
+    """n completions per prompt, the prompts batched (see `alignkit.generation.generate`)."""
     if n < 2:
         raise UserError(f"n must be at least 2 to form pairs, got {n}")
-    samples = generate(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, batch_size=batch_size, seed=seed, autocast=autocast, desc="sampling")
-    rows, skipped, all_rewards = [], 0, []
-    for prompt, group in zip(prompts, samples, strict=True):
-        texts = [s.text for s in group]
-        prompt_text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        rewards = reward([prompt_text] * len(texts), texts)
-        all_rewards += rewards
-        pairs = pair_up(prompt, texts, rewards, pairing, margin)
+    return generate(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, batch_size=batch_size, seed=seed, autocast=autocast, desc="sampling",
+                    show_progress=show_progress)
+
+
+def score_samples(prompts: list, samples: list[list[Sample]], reward: Reward) -> list[list[float]]:
+    """Each prompt's completions scored together (a judge compares them with one another)."""
+    return [reward([prompt_text(prompt)] * len(group), [s.text for s in group])
+            for prompt, group in zip(prompts, samples, strict=True)]
+
+
+def pair_samples(prompts: list, samples: list[list[Sample]], rewards: list[list[float]],
+                 pairing: str = "best-worst", margin: float = 0.0) -> tuple[list[dict], PrefsStats]:
+    rows, skipped = [], 0
+    for prompt, group, values in zip(prompts, samples, rewards, strict=True):
+        pairs = pair_up(prompt, [s.text for s in group], values, pairing, margin)
         skipped += not pairs
         rows += pairs
-    stats = PrefsStats(len(prompts), len(all_rewards), len(rows), skipped,
-                       sum(all_rewards) / max(1, len(all_rewards)))
-    return rows, stats
+    flat = [v for values in rewards for v in values]
+    return rows, PrefsStats(len(prompts), len(flat), len(rows), skipped, sum(flat) / max(1, len(flat)))
+
+
+def prompt_text(prompt) -> str:
+    """What a reward reads as the prompt: the text, or the last message's content."""
+    if isinstance(prompt, str):
+        return prompt
+    messages = prompt["messages"] if isinstance(prompt, dict) else prompt
+    return messages[-1]["content"]
 
 
 def write_jsonl(rows: list[dict], path: Path) -> None:

@@ -4,7 +4,10 @@
   controlled-sentiment task used a sentiment classifier the same way);
 - `module:function`: any importable Python callable taking (prompt, completion) and returning a float;
 - a local Hugging Face sequence-classification folder: the probability of its positive label (the label named
-  positive, else the last one), or its logit when it has a single output.
+  positive, else the last one), or its logit when it has a single output;
+- `judge:MODEL`: a local causal LM comparing the completions of one prompt with one another, each match in both
+  orders (`alignkit.eval.judge.group_scores`): a completion's score is its mean result, win 1, tie ½, loss 0.
+  Rewards are called with the completions of one prompt at a time.
 """
 
 from __future__ import annotations
@@ -64,11 +67,29 @@ def classifier_reward(folder: Path, batch_size: int = 16) -> Reward:
     return score
 
 
+def judge_reward(spec: str) -> Reward:
+    from alignkit.eval.judge import group_scores, model_preference
+    from alignkit.models.load import load_model, load_tokenizer, resolve_model
+
+    path = resolve_model(spec)
+    prefer = model_preference(load_model(path).eval(), load_tokenizer(path))
+
+    def score(prompts: list[str], completions: list[str]) -> list[float]:
+        if len(set(prompts)) > 1:
+            raise ValueError("a judge reward scores the completions of one prompt at a time")
+        return group_scores(prefer, prompts[0], completions) if completions else []
+
+    return score
+
+
 def load_reward(spec: str) -> Reward:
     if spec == "sentiment":
         return sentiment_reward()
+    if spec.startswith("judge:"):
+        return judge_reward(spec.removeprefix("judge:"))
     if Path(spec).is_dir():
         return classifier_reward(Path(spec))
     if ":" in spec:
         return callable_reward(spec)
-    raise UserError(f"reward '{spec}': use sentiment, module:function, or a sequence-classification model folder")
+    raise UserError(f"reward '{spec}': use sentiment, module:function, a sequence-classification model folder "
+                    "or judge:MODEL")

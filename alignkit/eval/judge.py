@@ -54,3 +54,18 @@ def summarize(outcomes: list[str]) -> dict:
     spread = math.sqrt(sum((s - score) ** 2 for s in scores) / max(n - 1, 1) / n)
     return {"n": n, "win": wins / n, "tie": ties / n, "loss": (n - wins - ties) / n, "score": score,
             "ci95": [max(0.0, score - 1.96 * spread), min(1.0, score + 1.96 * spread)]}
+
+
+def group_scores(prefer: Prefer, question: str, completions: list[str]) -> list[float]:
+    """Each completion's mean score (win 1, tie ½, loss 0) against every other completion of the same question,
+    every match judged in both orders."""
+    n = len(completions)
+    points = [0.0] * n
+    matches = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    outcomes = judge(prefer, [question] * len(matches), [completions[i] for i, _ in matches],
+                     [completions[j] for _, j in matches])
+    for (i, j), outcome in zip(matches, outcomes, strict=True):
+        won = {"win": 1.0, "tie": 0.5, "loss": 0.0}[outcome]
+        points[i] += won
+        points[j] += 1.0 - won
+    return [p / max(n - 1, 1) for p in points]

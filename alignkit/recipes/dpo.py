@@ -200,6 +200,10 @@ def load_training_pairs(cfg: DPOConfig, tokenizer, template: str) -> tuple[Seque
 
 def run(cfg: DPOConfig) -> dict:
     """Train and save; returns the summary written to OUTPUT_DIR/summary.json."""
+    if cfg.online:  # rounds of sampling, scoring and DPO (recipes/online_dpo.py)
+        from alignkit.recipes import online_dpo
+
+        return online_dpo.run(cfg)
     return loop.run(cfg, DPO(cfg))
 
 
