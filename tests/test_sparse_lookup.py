@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from alignkit.training import sparse_lookup
+from alignkit.training.backend import Backend
 from tests.conftest import write_jsonl
 from tests.test_distributed import SFT_ROWS, run
 
@@ -28,7 +29,7 @@ def test_tied_lookup_gradient_is_sparse_and_grad_stays_dense_and_equal(bf16):
     dense = tied_model()
     sparse = copy.deepcopy(dense)
     sparse.tie_weights()
-    assert sparse_lookup.configure(sparse, Accelerator(cpu=True))
+    assert sparse_lookup.configure(sparse, Backend(Accelerator(cpu=True)))
     assert sparse.get_input_embeddings().sparse and not dense.get_input_embeddings().sparse
     torch.manual_seed(1)
     passes = [torch.randint(0, 300, (1, length)) for length in (7, 19, 4)]
@@ -46,7 +47,7 @@ def test_tied_lookup_gradient_is_sparse_and_grad_stays_dense_and_equal(bf16):
 
 def test_a_pass_that_misses_the_head_leaves_a_dense_gradient():
     model = tied_model()
-    sparse_lookup.configure(model, Accelerator(cpu=True))
+    sparse_lookup.configure(model, Backend(Accelerator(cpu=True)))
     model.get_input_embeddings()(torch.tensor([[3, 5, 3]])).sum().backward()
     grad = model.get_input_embeddings().weight.grad
     assert grad.layout == torch.strided
@@ -54,11 +55,11 @@ def test_a_pass_that_misses_the_head_leaves_a_dense_gradient():
 
 
 def test_untied_or_frozen_embeddings_keep_the_dense_lookup():
-    accelerator = Accelerator(cpu=True)
-    assert not sparse_lookup.configure(tied_model(tie=False), accelerator)
+    backend = Backend(Accelerator(cpu=True))
+    assert not sparse_lookup.configure(tied_model(tie=False), backend)
     frozen = tied_model()
     frozen.get_input_embeddings().weight.requires_grad_(False)
-    assert not sparse_lookup.configure(frozen, accelerator)
+    assert not sparse_lookup.configure(frozen, backend)
     assert not frozen.get_input_embeddings().sparse
 
 
