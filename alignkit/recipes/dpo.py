@@ -56,18 +56,8 @@ class DPO:
         self._totals: tuple = (None, ())  # the step's totals tensor and its values, read once per step
 
     def load_data(self, tokenizer, template: str) -> Data:
-        cfg = self.cfg
         self.pad_id = tokenizer.pad_token_id
-        train, stats, sources = load_training_pairs(cfg, tokenizer, template)
-        eval_pairs: Sequence = []
-        if cfg.eval_data:
-            eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row,
-                                       cfg.num_proc, Rendering.of(cfg))
-        else:
-            train, eval_pairs = split_eval(train, cfg.eval_fraction, cfg.seed)
-        if not train:
-            raise UserError("no preference pairs left to train on")
-        return Data(train, eval_pairs, {k: v for k, v in stats.items() if k != "pairs"}, sources)
+        return load_pair_data(self.cfg, tokenizer, template)
 
     def longest_forward(self, rows: Sequence, device: torch.device) -> int:
         """A prefix-shared sequence holds the prompt once, so chosen + rejected bounds it."""
@@ -144,6 +134,20 @@ class DPO:
         return {**{k: last.means[k] for k in METRICS[1:] if k in last.means},
                 "trained_pairs": pairs, "tokens": tokens, "pairs_per_s": round(pairs / seconds, 3),
                 "tokens_per_s": round(tokens / seconds, 1), "reference": self.references["train"].kind}
+
+
+def load_pair_data(cfg, tokenizer, template: str) -> Data:
+    """Training pairs drawn from the data sources, eval pairs (eval_data, or a held-out fraction), statistics."""
+    train, stats, sources = load_training_pairs(cfg, tokenizer, template)
+    eval_pairs: Sequence = []
+    if cfg.eval_data:
+        eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row,
+                                   cfg.num_proc, Rendering.of(cfg))
+    else:
+        train, eval_pairs = split_eval(train, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise UserError("no preference pairs left to train on")
+    return Data(train, eval_pairs, {k: v for k, v in stats.items() if k != "pairs"}, sources)
 
 
 def reference_kind(cfg: DPOConfig) -> str:

@@ -27,12 +27,10 @@ from alignkit.data.mixture import source_paths
 from alignkit.data.prefs import PreferenceRow
 from alignkit.data.sources import iter_rows
 from alignkit.data.store import lengths
-from alignkit.data.tokenize import Rendering
 from alignkit.errors import UserError
 from alignkit.losses import bradley_terry_loss
 from alignkit.models.load import base_of, build_policy, load_reward_model, no_hub_lookup
-from alignkit.recipes.dpo import load_pairs, load_training_pairs
-from alignkit.training.data_order import split_eval
+from alignkit.recipes.dpo import load_pair_data
 from alignkit.training.forward import pair_rewards
 from alignkit.training.launch import relaunch, wants_relaunch
 from alignkit.training.loop import Data, StepResult, fit
@@ -63,19 +61,10 @@ class RM:
                             "SEQ_CLS")
 
     def load_data(self, tokenizer, template: str) -> Data:
-        cfg = self.cfg
         self.pad_id = tokenizer.pad_token_id
-        train, stats, sources = load_training_pairs(cfg, tokenizer, template)
-        eval_pairs: Sequence = []
-        if cfg.eval_data:
-            eval_pairs, _ = load_pairs(cfg.eval_data, tokenizer, template, cfg.max_length, cfg.on_bad_row,
-                                       cfg.num_proc, Rendering.of(cfg))
-        else:
-            train, eval_pairs = split_eval(train, cfg.eval_fraction, cfg.seed)
-        if not train:
-            raise UserError("no preference pairs left to train on")
-        self.margins = read_margins(source_paths(cfg.data) + cfg.eval_data)
-        return Data(train, eval_pairs, {k: v for k, v in stats.items() if k != "pairs"}, sources)
+        data = load_pair_data(self.cfg, tokenizer, template)
+        self.margins = read_margins(source_paths(self.cfg.data) + self.cfg.eval_data)
+        return data
 
     def longest_forward(self, rows: Sequence, device: torch.device) -> int:
         sizes = lengths(rows)
