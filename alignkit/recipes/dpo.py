@@ -151,12 +151,7 @@ def load_pair_data(cfg, tokenizer, template: str) -> Data:
 
 
 def reference_kind(cfg: DPOConfig) -> str:
-    if cfg.reference != "auto":
-        return cfg.reference
-    if set(cfg.loss_type) <= REFERENCE_FREE:
-        return "none"
-    # PiSSA and OLoRA change the base under the adapter: it is no longer the initial policy
-    return "adapter" if cfg.lora and cfg.ref_model is None and cfg.lora_init == "default" else "copy"
+    return reference.kind_for(cfg, set(cfg.loss_type) <= REFERENCE_FREE)
 
 
 def pair_metrics(beta: float, policy_c, policy_r, ref_c, ref_r) -> dict[str, torch.Tensor]:

@@ -208,9 +208,7 @@ class KTO:
 
 
 def reference_kind(cfg: KTOConfig) -> str:
-    if cfg.reference != "auto":
-        return cfg.reference
-    return "adapter" if cfg.lora and cfg.ref_model is None else "copy"
+    return reference.kind_for(cfg)
 
 
 def load_rows(paths: list[str], cfg: KTOConfig, tokenizer, template: str) -> tuple[Sequence, dict]:

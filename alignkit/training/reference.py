@@ -92,10 +92,21 @@ class Precomputed:
         return rows[:, 0], rows[:, 1]
 
 
+def kind_for(cfg, reference_free: bool = False) -> str:
+    """`cfg.reference`, with auto resolved: none for reference-free losses, the base under the adapter for LoRA
+    without ref_model, else a frozen copy. PiSSA and OLoRA change the base under the adapter: it is no longer the
+    initial policy, so they get a copy."""
+    if cfg.reference != "auto":
+        return cfg.reference
+    if reference_free:
+        return "none"
+    return "adapter" if cfg.lora and cfg.ref_model is None and cfg.lora_init == "default" else "copy"
+
+
 def build(cfg, kind: str, model_path: Path, backend: Backend, pad_id: int):
     """The reference of `kind` (see `config.DPOConfig.reference`); `precomputed` first builds the reference it
     scores with (a frozen copy, or the adapter-off policy under LoRA without ref_model)."""
-    adapter_source = cfg.lora and cfg.ref_model is None and cfg.lora_init == "default"  # see dpo.reference_kind
+    adapter_source = cfg.lora and cfg.ref_model is None and cfg.lora_init == "default"  # see kind_for
     if kind == "none":
         return NoReference(backend.device)
     if kind == "adapter" or (kind == "precomputed" and adapter_source):
