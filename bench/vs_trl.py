@@ -5,11 +5,12 @@
     python bench/vs_trl.py --mode sft --baseline ../alignkit-before   # also an older checkout, back to back
 
 Each tool runs in its own subprocess (so peak RSS is its own): alignkit, TRL with its defaults, and TRL tuned as
-a speed-aware user would (no gradient checkpointing, bf16, padding-free where it accepts it). The synthetic data
+a speed-aware user would (no gradient checkpointing, padding-free where it accepts it). The synthetic data
 is generated from a seed: chat rows with prompts and completions of 20–300 tokens each. Reported per tool:
 trained tokens/s (SFT: completion tokens; DPO: prompt+chosen and prompt+rejected tokens), pairs/s (DPO),
-peak RSS, MFU against a bf16 matmul peak measured in this run, first-step loss, start-up time, and the
-alignkit/TRL ratios. Warm-up steps are excluded from the timing; time spent on reference log-probs counts.
+peak RSS, MFU against a matmul peak measured in this run in the precision both ran in, first-step loss,
+start-up time, and the alignkit/TRL ratios; first the CPU's name and the flags that decide bf16 speed. Warm-up
+steps are excluded from the timing; time spent on reference log-probs counts.
 """
 
 from __future__ import annotations
@@ -63,17 +64,48 @@ def make_rows(mode: str, count: int, seed: int, tokenizer, chat: bool = True) ->
     return rows
 
 
-def matmul_peak(dtype_name: str = "bfloat16", size: int = 2048, seconds: float = 3.0) -> float:
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_kind() -> str:
+    """The CPU's name and the flags that decide bf16 speed, from /proc/cpuinfo."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    present = " ".join(flag for flag in CPU_FLAGS if flag in flags) or f"none of {' '.join(CPU_FLAGS)}"
+    return f"{name}, {os.cpu_count()} CPUs, flags: {present}"
+
+
+def resolved_precision(asked: str) -> str:
+    """auto: bf16 where this CPU computes it natively (alignkit's `dtype: auto` rule), else fp32."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if asked == "bf16" and not native:
+        raise SystemExit("--precision bf16: this CPU has no native bf16, where alignkit's dtype auto trains in fp32")
+    return asked if asked != "auto" else "bf16" if native else "fp32"
+
+
+def matmul_peak(precision: str, seconds: float = 3.0) -> tuple[float, int]:
+    """FLOP/s of square matmuls in the precision the run uses, and their size. The size is picked so that one
+    matmul takes at most about a tenth of `seconds` (emulated bf16 is hundreds of times slower than native)."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        a @ b
+        if size >= 2048 or time.perf_counter() - start > seconds / 80:
+            break
+        size *= 2
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         count += 1
-    return 2 * size**3 * count / (time.perf_counter() - start)
+    return 2 * size**3 * count / (time.perf_counter() - start), size
 
 
 def peak_rss_mib() -> float:
@@ -90,7 +122,8 @@ def run_alignkit(args, rows_path: Path, out: Path) -> dict:
               "max_length": 512, "lr": 1e-5, "max_steps": args.warmup + args.steps, "save_steps": 0,
               "lr_scheduler": "constant", "lora": args.lora, "lora_r": 16, "lora_alpha": 32, "seed": 0,
               "logging_steps": 1, "overwrite": True,
-              "chat_template": None if args.format == "chat" else "plain", "compile": args.compile}
+              "chat_template": None if args.format == "chat" else "plain", "compile": args.compile,
+              "dtype": "auto" if args.precision == "bf16" else "fp32"}
     started = time.perf_counter()
     recipe, make = (sft, make_sft_config) if args.mode == "sft" else (dpo, make_dpo_config)
     summary = recipe.run(make(common))
@@ -114,8 +147,9 @@ def run_trl(args, rows_path: Path, out: Path, tuned: bool) -> dict:
     model_path = str(resolve_model(args.model))
     steps = args.warmup + args.steps
     settings = dict(output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-5,
-                    lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no", bf16=True,
-                    use_cpu=True, max_length=512, seed=0, model_init_kwargs={"dtype": "float32"})
+                    lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
+                    bf16=args.precision == "bf16", use_cpu=True, max_length=512, seed=0,
+                    model_init_kwargs={"dtype": "float32"})
     if tuned:
         settings.update(gradient_checkpointing=False, padding_free=args.mode == "sft" and args.padding_free)
     peft_config = None
@@ -209,6 +243,10 @@ def main() -> None:
     parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
                         help="alignkit's compile setting (default: %(default)s: the measured steps stand for a long "
                              "run, where auto compiles; compiling happens in the warm-up steps)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="both tools: auto = bf16 autocast where the CPU computes bf16 natively (AVX512-BF16/AMX), "
+                             "fp32 elsewhere (AVX2-only CPUs emulate bf16, slowly); fp32 or bf16 = that everywhere "
+                             "(default: %(default)s)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--baseline", type=Path,
                         help="also run the alignkit checkout in this folder (e.g. a git worktree of the commit before "
@@ -221,6 +259,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    args.precision = resolved_precision(args.precision)
 
     from transformers import AutoTokenizer
 
@@ -232,8 +271,9 @@ def main() -> None:
     rows = make_rows(args.mode, 4 * (args.warmup + args.steps), seed=0, tokenizer=tokenizer,
                      chat=args.format == "chat")
     (workdir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    peak = matmul_peak()
-    print(f"bf16 matmul peak (2048x2048): {peak / 1e9:.0f} GFLOP/s; workdir {workdir}", flush=True)
+    peak, size = matmul_peak(args.precision)
+    print(f"CPU: {cpu_kind()}\nprecision: {args.precision} (both tools); {args.precision} matmul peak "
+          f"({size}x{size}): {peak / 1e9:.0f} GFLOP/s; workdir {workdir}", flush=True)
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -247,7 +287,7 @@ def main() -> None:
     for tool in tools:
         command = [sys.executable, __file__, "--worker", tool, "--workdir", str(workdir), "--mode", args.mode,
                    "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup), "--format",
-                   args.format, "--compile", args.compile]
+                   args.format, "--compile", args.compile, "--precision", args.precision]
         command += ["--lora"] if args.lora else []
         command += ["--padding-free"] if args.padding_free else []
         print(f"running {tool} ...", flush=True)
@@ -263,7 +303,8 @@ def main() -> None:
     read_per_trained = sft_tokens_per_trained(rows, tokenizer) if args.mode == "sft" else None
     print(f"\nmode {args.mode}{' + LoRA' if args.lora else ''}, {args.format} rows, model {args.model} "
           f"({n_params / 1e6:.1f}M params, vocabulary {config.get('vocab_size')}), batch 4, max_length 512, "
-          f"{args.steps} measured steps after {args.warmup} warm-up, alignkit compile {args.compile}")
+          f"{args.steps} measured steps after {args.warmup} warm-up, alignkit compile {args.compile}, precision "
+          f"{args.precision}")
     print(f"{'tool':<18}{'tokens/s':>10}{'pairs/s':>9}{'peak RSS MiB':>14}{'MFU %':>7}{'first loss':>12}"
           f"{'start-up s':>12}")
     for tool, r in results.items():
@@ -289,8 +330,8 @@ def main() -> None:
                   f"x{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}, first-loss difference "
                   f"{abs(ours['first_loss'] - theirs['first_loss']):.2e}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "peak_flops": peak, "results": results}, indent=1,
-                                              default=str))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_kind(), "peak_flops": peak,
+                                               "results": results}, indent=1, default=str))
 
 
 if __name__ == "__main__":

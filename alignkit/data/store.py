@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,8 @@ class StoreWriter:
 
     def discard(self) -> None:
         for file in (*self.files.values(), self.origins):
-            file.close()
+            with suppress(OSError):  # its buffer could not be flushed (a full disk): the folder goes anyway
+                file.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

