@@ -16,6 +16,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from alignkit.api import make_dpo_config, make_sft_config
@@ -83,6 +84,35 @@ def format_rate(samples, reward) -> float:
     return _mean([data.format_score(s.text, v) for s, v in zip(flat, sentiments, strict=True)])
 
 
+def preference_settings(plan: Plan, seed: int) -> dict:
+    """How the preference stage trains, from the SFT model: LoRA r 16, α 32, a constant lr, batch 8."""
+    return {"lora": True, "lora_r": 16, "lora_alpha": 32, "lr": plan.dpo_lr, "epochs": plan.dpo_epochs,
+            "batch_size": 8, "max_length": 256, "save_steps": 0, "seed": seed, "overwrite": True,
+            "lr_scheduler": "constant", "warmup_ratio": 0.0}
+
+
+def held_out(policy, tokenizer, prompts: list, plan: Plan, seed: int, reward, sft_rewards: list[list[float]],
+             autocast: bool, name: str, reference_logps) -> dict:
+    """A trained model's figures on the held-out prompts: its samples (plan.eval_samples per prompt, seed + 1, as
+    the SFT model's were drawn), their mean reward, the win rate over the SFT samples and KL(π‖π_SFT), with
+    `reference_logps(samples)` the SFT model's log-probs of the policy's own samples."""
+    samples = generate(policy, tokenizer, prompts, n=plan.eval_samples, max_new_tokens=plan.max_new_tokens,
+                       seed=seed + 1, autocast=autocast, desc=f"sampling {name}")
+    rewards = score(samples, prompts, reward)
+    flat = [s for group in samples for s in group]
+    flat_rewards = [r for group in rewards for r in group]
+    return {"mean_reward": _mean(flat_rewards), "reward_stderr": _stderr(flat_rewards),
+            "win_rate_vs_sft": win_rate(rewards, sft_rewards),
+            "kl_to_sft": sequence_kl(completion_logps(policy, flat, tokenizer.pad_token_id), reference_logps(flat)),
+            "format_rate": format_rate(samples, reward), "rewards": flat_rewards,
+            "samples": [{"prompt": prompts[s.prompt_index], "completion": s.text} for s in flat[:6]]}
+
+
+def adapter_off_logps(policy, samples, pad_id: int) -> list[float]:
+    with policy.disable_adapter():
+        return completion_logps(policy, samples, pad_id)
+
+
 def run(cfg: DemoConfig) -> dict:
     started = time.time()
     plan = QUICK if cfg.quick else FULL
@@ -143,25 +173,13 @@ def run(cfg: DemoConfig) -> dict:
         log(f"stage 3/4: DPO with beta {beta:g}")
         dpo_summary, policy, _ = dpo_recipe.train(make_dpo_config(
             model=str(out / "sft" / "final"), data=[str(out / "data" / "prefs.jsonl")], output_dir=str(out / name),
-            lora=True, lora_r=16, lora_alpha=32, lr=plan.dpo_lr, beta=beta, epochs=plan.dpo_epochs, batch_size=8,
-            max_length=256, save_steps=0, seed=cfg.seed, overwrite=True, lr_scheduler="constant",
-            warmup_ratio=0.0))
+            beta=beta, **preference_settings(plan, cfg.seed)))
         log("stage 4/4: evaluation on held-out prompts")
-        dpo_samples = sample(policy, tokenizer, f"DPO beta {beta:g}", plan.eval_samples)
-        dpo_rewards = score(dpo_samples, eval_prompts, reward)
-        flat = [s for group in dpo_samples for s in group]
-        policy_logps = completion_logps(policy, flat, tokenizer.pad_token_id)
-        with policy.disable_adapter():  # the adapter switched off is the SFT model, DPO's reference
-            reference_logps = completion_logps(policy, flat, tokenizer.pad_token_id)
-        flat_rewards = [r for group in dpo_rewards for r in group]
-        results.append({
-            "beta": beta, "run": name, "mean_reward": _mean(flat_rewards), "reward_stderr": _stderr(flat_rewards),
-            "win_rate_vs_sft": win_rate(dpo_rewards, sft_rewards),
-            "kl_to_sft": sequence_kl(policy_logps, reference_logps), "format_rate": format_rate(dpo_samples, reward),
-            "train_accuracy": dpo_summary.get("rewards/accuracies"), "train_margin": dpo_summary.get("rewards/margins"),
-            "rewards": flat_rewards,
-            "samples": [{"prompt": eval_prompts[s.prompt_index], "completion": s.text} for s in flat[:6]],
-        })
+        # The adapter switched off is the SFT model, DPO's reference.
+        figures = held_out(policy, tokenizer, eval_prompts, plan, cfg.seed, reward, sft_rewards, autocast,
+                           f"DPO beta {beta:g}", partial(adapter_off_logps, policy, pad_id=tokenizer.pad_token_id))
+        results.append({"beta": beta, "run": name, **figures, "train_accuracy": dpo_summary.get("rewards/accuracies"),
+                        "train_margin": dpo_summary.get("rewards/margins")})
         timings[f"{name}_s"] = time.time() - tick
         del policy
 
