@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import DPOConfig, KTOConfig, ORPOConfig, SFTConfig, build_config, load_yaml, to_dict
+from alignkit.config import DPOConfig, KTOConfig, ORPOConfig, RMConfig, SFTConfig, build_config, load_yaml, to_dict
 
 
 def make_config(config_cls: type, config: Any = None, **overrides: Any) -> Any:
@@ -75,3 +75,18 @@ def kto(config: str | Path | dict | KTOConfig | None = None, **overrides: Any) -
     from alignkit.recipes import kto as recipe
 
     return recipe.run(make_kto_config(config, **overrides))
+
+
+def make_rm_config(config: str | Path | dict | RMConfig | None = None, **overrides: Any) -> RMConfig:
+    return make_config(RMConfig, config, **overrides)
+
+
+def rm(config: str | Path | dict | RMConfig | None = None, **overrides: Any) -> dict:
+    """Train a Bradley–Terry reward model on preference pairs; returns the run's summary. OUTPUT_DIR/final is
+    a sequence-classification folder that `--reward` (prefs, eval, online DPO) takes.
+
+    >>> alignkit.rm(model="smollm2-135m-instruct", data=["prefs.jsonl"], output_dir="runs/rm", lr=1e-5)
+    """
+    from alignkit.recipes import rm as recipe
+
+    return recipe.run(make_rm_config(config, **overrides))

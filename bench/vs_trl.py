@@ -238,8 +238,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing starts (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="3 measured steps, 1 warm-up, TRL defaults skipped")
     parser.add_argument("--padding-free", action="store_true", help="ask TRL tuned for padding_free (SFT)")
-    parser.add_argument("--format", choices=["chat", "plain"], default="chat",
-                        help="chat rows, or plain strings for an exact first-loss comparison (default: %(default)s)")
+    parser.add_argument("--format", choices=["auto", "chat", "plain"], default="auto",
+                        help="chat rows, or plain strings for an exact first-loss comparison; auto: chat where the "
+                             "model has a chat template, else plain (default: %(default)s)")
     parser.add_argument("--compile", choices=["on", "off", "auto"], default="on",
                         help="alignkit's compile setting (default: %(default)s: the measured steps stand for a long "
                              "run, where auto compiles; compiling happens in the warm-up steps)")
@@ -266,6 +267,8 @@ def main() -> None:
     from alignkit.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    if args.format == "auto":  # TRL renders chat rows with the tokenizer's own template only
+        args.format = "chat" if tokenizer.chat_template else "plain"
     config = json.loads((resolve_model(args.model) / "config.json").read_text())
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-bench-"))
     rows = make_rows(args.mode, 4 * (args.warmup + args.steps), seed=0, tokenizer=tokenizer,

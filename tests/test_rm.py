@@ -214,3 +214,15 @@ def test_a_reward_model_starts_from_an_sft_lora_final(tmp_path, tiny_model_dir):
     summary = recipe.run(rm_config(model=str(tmp_path / "sft" / "final"), data=[str(data)], max_steps=2,
                                    output_dir=str(tmp_path / "rm"), lora=True))
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])
+
+
+def test_the_python_api_trains_a_reward_model_from_keyword_arguments(tmp_path, tiny_model_dir):
+    import alignkit
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", ROWS)
+    summary = alignkit.rm(model=str(tiny_model_dir), data=[str(data)], output_dir=str(tmp_path / "rm"), max_steps=1,
+                          chat_template="plain", dtype="fp32", save_steps=0)
+    assert summary["steps"] == 1 and (tmp_path / "rm" / "final" / "config.json").is_file()
+    with pytest.raises(UserError, match="center_rewards_coefficient"):
+        alignkit.rm(model=str(tiny_model_dir), data=[str(data)], output_dir=str(tmp_path / "rm2"),
+                    center_rewards_coefficient="lots")
