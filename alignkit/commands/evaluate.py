@@ -35,6 +35,7 @@ from alignkit.generation import generate
 from alignkit.make_prefs import read_prompts
 from alignkit.models.load import load_adapter_model, load_model, load_tokenizer, resolve_model
 from alignkit.rewards import load_reward
+from alignkit.training.backend import mixed_precision
 from alignkit.training.forward import pair_logps, unit_sequence_logps
 
 
@@ -168,7 +169,9 @@ def eval_humaneval(model, tokenizer, cfg, samples: Path) -> dict:
 
     problems = humaneval.load_problems(cfg.benchmark_data, cfg.limit)
     return humaneval.evaluate(model, tokenizer, problems, n=cfg.n or 1, temperature=cfg.temperature or 0.0,
-                              max_new_tokens=cfg.max_new_tokens or 512, seed=cfg.seed, samples_file=samples)
+                              max_new_tokens=cfg.max_new_tokens or 512, seed=cfg.seed, samples_file=samples,
+                              prompt_format=cfg.prompt_format,
+                              autocast=mixed_precision("auto") == "bf16")  # bf16 where the CPU computes it
 
 
 def eval_mtbench(model, tokenizer, cfg, samples: Path) -> dict:
