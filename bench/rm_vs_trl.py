@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_trl import make_rows, peak_rss_mib  # noqa: E402
+from vs_trl import cpu_kind, make_rows, peak_rss_mib, resolved_precision  # noqa: E402
 
 MAX_LENGTH = 1024
 
@@ -39,27 +39,6 @@ def tokens_per_pair(rows: list[dict], tokenizer) -> float:
     return sum(count(r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected")) / len(rows)
 
 
-def cpu_flags() -> str:
-    import torch
-
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split())
-        model = next((line.split(":")[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    except (OSError, StopIteration):
-        flags, model = set(), "?"
-    shown = " ".join(f for f in wanted if f in flags) or "none of " + " ".join(wanted)
-    return (f"{model}; flags: {shown}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
-            f"fast bf16 (mkldnn): {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; {os.cpu_count()} cores")
-
-
-def bf16() -> bool:
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def run_alignkit(args, rows_path: Path, out: Path) -> dict:
     from alignkit.api import make_config
     from alignkit.config import RMConfig
@@ -70,7 +49,7 @@ def run_alignkit(args, rows_path: Path, out: Path) -> dict:
         "max_length": MAX_LENGTH, "lr": 1e-5, "max_steps": args.warmup + args.steps, "save_steps": 0,
         "lr_scheduler": "constant", "lora": args.lora, "lora_r": 16, "lora_alpha": 32, "seed": 0,
         "logging_steps": 1, "overwrite": True, "chat_template": None if args.format == "chat" else "plain",
-        "compile": args.compile, "dtype": "auto" if bf16() else "fp32"})
+        "compile": args.compile, "dtype": "auto" if resolved_precision("auto") == "bf16" else "fp32"})
     started = time.perf_counter()
     summary = rm.run(cfg)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -93,7 +72,8 @@ def run_trl(args, rows_path: Path, out: Path, tuned: bool) -> dict:
     steps = args.warmup + args.steps
     settings = dict(output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-5,
                     lr_scheduler_type="constant", logging_steps=1, report_to="none", save_strategy="no",
-                    bf16=bf16(), use_cpu=True, max_length=MAX_LENGTH, seed=0, model_init_kwargs={"dtype": "float32"})
+                    bf16=resolved_precision("auto") == "bf16", use_cpu=True, max_length=MAX_LENGTH, seed=0,
+                    model_init_kwargs={"dtype": "float32"})
     if tuned:
         settings.update(gradient_checkpointing=False)
     peft_config = None
@@ -163,7 +143,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="alignkit-rm-bench-"))
     rows = make_rows("dpo", 4 * (args.warmup + args.steps), seed=0, tokenizer=tokenizer, chat=args.format == "chat")
     (workdir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"CPU: {cpu_flags()}; workdir {workdir}", flush=True)
+    print(f"CPU: {cpu_kind()}; workdir {workdir}", flush=True)
     tools = ["alignkit", "trl-tuned"] + ([] if args.quick else ["trl-defaults"])
     results = {}
     for tool in tools:
@@ -198,7 +178,7 @@ def main() -> None:
                   f"x{ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}, first-loss difference "
                   f"{abs(ours['first_loss'] - theirs['first_loss']):.2e}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_flags(), "results": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cpu": cpu_kind(), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

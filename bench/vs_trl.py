@@ -64,16 +64,22 @@ def make_rows(mode: str, count: int, seed: int, tokenizer, chat: bool = True) ->
     return rows
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_kind() -> str:
-    """The CPU's name and the flags that decide bf16 speed, from /proc/cpuinfo."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    present = " ".join(flag for flag in CPU_FLAGS if flag in flags) or f"none of {' '.join(CPU_FLAGS)}"
-    return f"{name}, {os.cpu_count()} CPUs, flags: {present}"
+    """The CPU's name, the flags that decide bf16 speed, and what torch makes of them."""
+    import torch
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split())
+        model = next((line.split(":")[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    except (OSError, StopIteration):
+        flags, model = set(), "?"
+    shown = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
+    return (f"{model}; flags: {shown}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"fast bf16 (mkldnn): {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; {os.cpu_count()} cores")
 
 
 def resolved_precision(asked: str) -> str:
