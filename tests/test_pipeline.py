@@ -225,11 +225,32 @@ def test_humaneval_and_mt_bench_are_ability_scorers(tmp_path, tiny_model_dir):
     assert json.loads((out / "01-one" / "abilities.json").read_text())["results"]["chat"]["rows"] == 1
 
 
+def test_a_humaneval_set_is_scored_in_its_prompt_format_and_the_machines_precision(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    from alignkit.eval import abilities, humaneval
+    from alignkit.models.load import load_model, load_tokenizer
+    from alignkit.training.backend import mixed_precision
+
+    seen = {}
+
+    def spy(model, tokenizer, problems, **settings):
+        seen.update(settings)
+        return {"pass@1": 0.5, "pass@1_ci95": [0.1, 0.9], "problems": len(problems)}
+
+    monkeypatch.setattr(humaneval, "evaluate", spy)
+    spec = abilities.benchmark_set({**benchmark_evals(tmp_path, "unused")["code"], "prompt_format": "chat"}, "evals")
+    result = abilities.evaluate_sets(load_model(tiny_model_dir), load_tokenizer(tiny_model_dir), {"code": spec}, 4)
+    assert result["code"] == {"score": 0.5, "ci95": [0.1, 0.9], "rows": 2}
+    assert seen["prompt_format"] == "chat" and seen["autocast"] == (mixed_precision("auto") == "bf16")
+    assert abilities.benchmark_set({"benchmark": "humaneval"}, "evals").prompt_format == "raw"
+
+
 @pytest.mark.parametrize("chat, message", [
     ({"benchmark": "mt-bench"}, "evals.chat: mt-bench needs 'judge'"),
     ({"benchmark": "mmlu"}, "evals.chat: 'benchmark' must be one of humaneval, mt-bench, got 'mmlu'"),
     ({"benchmark": "humaneval", "limt": 3}, "evals.chat: unknown key 'limt' (did you mean 'limit'?)"),
     ({"benchmark": "humaneval", "limit": 0}, "evals.chat: 'limit' must be a whole number > 0, got 0"),
+    ({"benchmark": "humaneval", "prompt_format": "xml"}, "evals.chat: 'prompt_format' must be raw or chat, got 'xml'"),
     ({"limit": 3}, "evals.chat: 'benchmark' is required"),
     ({"benchmark": "mt-bench", "judge": "/no/such/judge", "data": "DATA"}, "/no/such/judge: model not found"),
     ({"benchmark": "mt-bench", "judge": "JUDGE", "data": "/no/such/data"}, "/no/such/data: no such MT-Bench data"),

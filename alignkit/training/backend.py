@@ -241,6 +241,30 @@ def mixed_precision(dtype: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
 
 
+def store_frozen_linears_in_bf16(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Under LoRA and bf16 autocast, store the frozen linear layers (the base under the adapters, an untied output
+    head) in bf16, as `store_linear_weights_in_bf16` does for a frozen reference; the layers it changed.
+
+    Autocast would cast each of these weights to bf16 in every pass anyway (it caches casts of trained weights
+    only), and a LoRA layer's backward keeps that cast for its input gradient, so storing them in bf16 halves
+    their memory, removes the casts and computes exactly what the fp32 weights computed under autocast.
+    `restore_fp32` undoes it when training ends."""
+    embedding = model.get_input_embeddings().weight
+    frozen = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not embedding
+              and m.weight.dtype == torch.float32 and not any(p.requires_grad for p in m.parameters())]
+    for module in frozen:
+        module.to(torch.bfloat16)
+    _release_file_pages(model)
+    return frozen
+
+
+def restore_fp32(modules: list[torch.nn.Module]) -> None:
+    """The layers `store_frozen_linears_in_bf16` changed, in fp32 again (holding the bf16 values training used),
+    so that the trained model runs with or without autocast."""
+    for module in modules:
+        module.to(torch.float32)
+
+
 def store_linear_weights_in_bf16(model: torch.nn.Module) -> None:
     """Keep a frozen model's linear layers in bf16, the dtype bf16 autocast casts them to at every call anyway.
 
@@ -253,8 +277,12 @@ def store_linear_weights_in_bf16(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
             module.to(torch.bfloat16)
-    # The fp32 tensors left still point into the safetensors file's memory map, which would keep every page of
-    # the file read so far resident (the converted weights' fp32 pages included): copied, they let it close.
+    _release_file_pages(model)
+
+
+def _release_file_pages(model: torch.nn.Module) -> None:
+    """The fp32 tensors left still point into the safetensors file's memory map, which would keep every page of
+    the file read so far resident (the converted weights' fp32 pages included): copied, they let it close."""
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.dtype == torch.float32:
             tensor.data = tensor.data.clone()

@@ -27,7 +27,7 @@ from alignkit.data.view import data_view
 from alignkit.log import log
 from alignkit.models.load import build_policy, load_inputs
 from alignkit.training import compiling, recompute, sparse_lookup, threads
-from alignkit.training.backend import Backend
+from alignkit.training.backend import Backend, restore_fp32, store_frozen_linears_in_bf16
 from alignkit.training.checkpoint import RunState, latest_checkpoint, resume_state, save_step
 from alignkit.training.data_order import describe_tail, step_stream, steps_per_epoch
 from alignkit.training.guard import NonFiniteGuard, StopOnSignal, agree_on_stop, interrupt
@@ -109,12 +109,13 @@ def run(cfg, objective: Objective) -> dict:
     """Train and save, re-running under torch's launcher when `num_processes` asks for it; the summary."""
     if wants_relaunch(cfg):
         return relaunch(cfg, objective.name)
-    return fit(cfg, objective)[0]
+    return fit(cfg, objective, keep_model=False)[0]
 
 
 @releases_run_folder_on_error
-def fit(cfg, objective: Objective):
-    """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them."""
+def fit(cfg, objective: Objective, keep_model: bool = True):
+    """Train and save; returns (summary, trained model, tokenizer) for callers that keep working with them
+    (`keep_model`: with its layers in the dtypes it was loaded in; else as training left them)."""
     started = time.time()
     backend = Backend.build(cfg.dtype, cfg.strategy)
     out = check_output_dir(cfg, objective.name, backend.is_main)
@@ -126,6 +127,7 @@ def fit(cfg, objective: Objective):
     model_path, tokenizer, template = load_inputs(cfg)
     data = objective.load_data(tokenizer, template)  # one process tokenises at a time
     model = getattr(objective, "build_model", build_policy)(cfg, model_path, checkpoint)
+    bf16_layers = store_frozen_linears_in_bf16(model) if bf16_base(cfg, backend) else []
     recomputed = recompute.configure(model, cfg.activation_checkpointing,
                                         objective.longest_forward(data.train, backend.device), backend.device,
                                         half=backend.half or cfg.dtype == "bf16",
@@ -237,6 +239,8 @@ def fit(cfg, objective: Objective):
             f"tokens/s; model in {final}")
     release_run_folder(out)
     hf_logging.enable_progress_bar()
+    if keep_model:
+        restore_fp32(bf16_layers)
     return summary, backend.unwrap(model), tokenizer
 
 
@@ -282,6 +286,14 @@ def evaluate(model, objective: Objective, rows: Sequence, batch_size: int, backe
             add_weighted(sums, objective.loss(model, unit, totals)[1], weight)
     model.train()
     return objective.eval_metrics(reduced(sums, backend))
+
+
+def bf16_base(cfg, backend: Backend) -> bool:
+    """Whether LoRA's frozen base is stored in bf16 (`backend.store_frozen_linears_in_bf16`): where bf16 autocast
+    computes it in bf16 in every pass anyway. Not under FSDP or DeepSpeed (they hold one dtype per flat
+    parameter and cast for themselves), DoRA (its magnitude adds the frozen weight to the update in the weight's
+    own dtype) or PiSSA / OLoRA (which rewrite the base from its initial weights when saving)."""
+    return cfg.lora and backend.half and not backend.partitioned and not cfg.use_dora and cfg.lora_init == "default"
 
 
 def add_weighted(sums: dict, unit_sums: dict, weight: float) -> None:
