@@ -61,11 +61,12 @@ def test_dpo_with_lora_on_smollm2_logs_every_metric_and_the_adapter_reloads(tmp_
     assert any("lora_" in name for name, _ in model.named_parameters())
 
 
-def test_compiled_lora_dpo_policy_and_reference_agree_bit_for_bit_at_the_start(tmp_path, embedded_cache):
+@pytest.mark.parametrize("bf16_base", [False, True])
+def test_compiled_lora_dpo_policy_and_reference_agree_bit_for_bit_at_the_start(tmp_path, embedded_cache, bf16_base):
     """While the adapter is zero, the policy's pass (training graph) and the adapter-off reference pass (no-grad
     graph) must give the same log-probs, compiled and under bf16 autocast as on a CPU by default; otherwise DPO's
     first loss is not log 2. With SmolLM2 and ~300-token pairs this broke while the first decoder layer, whose
-    input needed no gradient, had a graph of its own."""
+    input needed no gradient, had a graph of its own. Runs store the frozen base in bf16 (`bf16_base`)."""
     import random
 
     import torch
@@ -88,6 +89,10 @@ def test_compiled_lora_dpo_policy_and_reference_agree_bit_for_bit_at_the_start(t
     model_path, tokenizer, template = load_inputs(cfg)
     pairs, _ = dpo.load_pairs(cfg.data, tokenizer, template, cfg.max_length)
     model = build_policy(cfg, model_path, None)
+    if bf16_base:
+        from alignkit.training.backend import store_frozen_linears_in_bf16
+
+        assert store_frozen_linears_in_bf16(model)
     torch._dynamo.reset()
     compiling.configure(model, "on", 500, torch.device("cpu"), sharded=False)
     try:
