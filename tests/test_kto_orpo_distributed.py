@@ -1,4 +1,5 @@
-"""KTO and ORPO under DDP (2 CPU processes, gloo) follow the 1-process trajectory at the same global batch."""
+"""KTO and ORPO under DDP, and KTO under FSDP (2 CPU processes, gloo), follow the 1-process trajectory at the same
+global batch (KTO under DeepSpeed ZeRO: tests/test_deepspeed.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ MODES = {"kto": (KTO_ROWS, ["kl", "rewards/chosen", "rewards/rejected", "rows"])
          "orpo": (ORPO_ROWS, ["nll_loss", "rewards/margins", "log_odds_ratio", "pairs"])}
 
 
-@pytest.mark.parametrize("command", list(MODES))
-def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, command):
+@pytest.mark.parametrize("command,strategy", [("kto", "ddp"), ("orpo", "ddp"), ("kto", "fsdp")])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, command, strategy):
     """17 rows in global batches of 4 with 2 accumulation steps: the last step of the epoch has one row, so one
-    process runs only a filler pass; under KTO it still takes part in estimating the step's reference point."""
+    process runs only a filler pass; under KTO it still takes part in estimating the step's reference point, and
+    under FSDP it runs as many scoring passes of its sharded policy and reference copy as the other process."""
     rows, keys = MODES[command]
     data = write_jsonl(tmp_path / "rows.jsonl", rows)
     held_out = write_jsonl(tmp_path / "eval.jsonl", rows[:1])
@@ -27,7 +29,11 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_model
               "--save-steps", "0", "--grad-accum", "2", "--eval-data", str(held_out), "--eval-steps", "3",
               "--lr", "1e-2", "--compile", "off"]
     run([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "4"], processes=1)
-    run([*common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--num-processes", "2"], processes=1)
+    two_processes = [*common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--strategy", strategy]
+    if strategy == "ddp":
+        run([*two_processes, "--num-processes", "2"], processes=1)
+    else:
+        assert "(fsdp (full shard))" in run(two_processes, processes=2)
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 3]
     for a, b in zip(one, two, strict=True):

@@ -108,9 +108,6 @@ class KTO:
         return 4.0 * sum(p.numel() for p in model.parameters()) if reference_kind(self.cfg) == "copy" else 0.0
 
     def setup(self, model, model_path, backend, data: Data) -> None:
-        if backend.partitioned:
-            raise UserError("kto runs on one process or under DDP: its reference point needs forward passes "
-                            "outside the loop's, which FSDP and DeepSpeed would have to gather for")
         self.device, self.policy, self.backend = backend.device, model, backend
         self.references = reference.for_splits(self.cfg, reference_kind(self.cfg), model, model_path, backend,
                                                self.pad_id, self.pairs, self.pair_layout())
@@ -141,12 +138,13 @@ class KTO:
         was_training = self.policy.training
         self.policy.eval()
         with torch.no_grad(), self.backend.autocast():
-            for rows in batches:
+            for i, rows in enumerate([*batches, *self.filler_batches(batches, split)]):
                 pairs = [self.pairs[split].pair(row) for row in rows]
                 ref_logps, ref_kl = ref.logps(self.policy, pairs, self.pair_layout())
                 policy_kl = self.sequence_logps(self.policy, [p.rejected for p in pairs])[0]
-                kl_sum = kl_sum + (policy_kl.float() - ref_kl.float()).sum()
-                scored.append((list(rows), ref_logps.float()))
+                if i < len(batches):
+                    kl_sum = kl_sum + (policy_kl.float() - ref_kl.float()).sum()
+                    scored.append((list(rows), ref_logps.float()))
         self.policy.train(was_training)
         count = self.backend.reduce(torch.tensor([float(sum(len(b) for b in batches))], device=self.device), "sum")
         z_ref = reference_point(self.backend.reduce(kl_sum, "sum"), count.item())
@@ -154,6 +152,16 @@ class KTO:
             return [FeedbackPass(rows, ref_logps, z_ref) for rows, ref_logps in scored]
         return [FeedbackPass([row], ref_logps[i:i + 1], z_ref) for rows, ref_logps in scored
                 for i, row in enumerate(rows)]
+
+    def filler_batches(self, batches: list[Sequence], split: str) -> list[list[FeedbackRow]]:
+        """One-row batches whose scores are left out, so that this process runs as many scoring passes as each
+        other one: under FSDP and ZeRO-3 each forward pass gathers parameters from all processes
+        (`Backend.equal_passes`). A padded micro-batch is one pass; otherwise each row is."""
+        if not self.backend.partitioned:
+            return []
+        passes = len(batches) if self.layout == "padded" else sum(len(rows) for rows in batches)
+        missing = len(self.backend.equal_passes([None] * passes, None)) - passes
+        return [[self.pairs[split].rows[0]]] * missing
 
     def sequence_logps(self, model, sequences: list) -> tuple[torch.Tensor, int]:
         """Σ log π over each sequence's scored tokens, and the non-padding tokens read."""
