@@ -47,6 +47,44 @@ def sampling(temperature: float, top_p: float) -> dict:
     return {"do_sample": False}
 
 
+class CategoricalDraw:
+    """A logits processor that draws each row's next token from softmax(scores / temperature), kept to the
+    top-p nucleus (the most probable tokens whose mass reaches top_p, as transformers' TopPLogitsWarper keeps
+    them), and returns scores that are 0 at the drawn token and -inf elsewhere, so that greedy decoding emits
+    the draw.
+
+    The draw is inverse transform sampling: one uniform number per row, placed in the cumulative
+    probabilities. Sampling in generate() itself calls torch.multinomial, which on CPU draws an exponential
+    number for every vocabulary entry of every row at every step: for a small model with a large vocabulary
+    that costs as much as the model's own decoding step. Same distribution, other random numbers."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            probs, order = probs.sort(dim=-1, descending=True)
+            before = probs.cumsum(dim=-1) - probs  # mass of the more probable tokens
+            probs = probs.masked_fill(before >= self.top_p, 0.0)
+        cumulative = probs.cumsum(dim=-1)
+        targets = torch.rand(len(probs), 1, device=probs.device) * cumulative[:, -1:]
+        drawn = torch.searchsorted(cumulative, targets, right=True).clamp_(max=probs.shape[-1] - 1)
+        if self.top_p < 1.0:
+            drawn = order.gather(-1, drawn)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
+
+
+def decoding(temperature: float, top_p: float) -> dict:
+    """generate() keyword arguments of batched sampling: greedy decoding over `CategoricalDraw`'s draws, or
+    plain greedy decoding when temperature is 0."""
+    if temperature > 0:
+        from transformers import LogitsProcessorList
+
+        return {"do_sample": False, "logits_processor": LogitsProcessorList([CategoricalDraw(temperature, top_p)])}
+    return {"do_sample": False}
+
+
 def stopping(tokenizer, stop_strings: list[str] | None) -> dict:
     return {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
 
@@ -84,10 +122,10 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
         for start in range(0, len(prompts), batch_size):
             texts = [render_prompt(tokenizer, p) if chat else p for p in prompts[start:start + batch_size]]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            repeated = {k: v.repeat_interleave(n, dim=0) for k, v in inputs.items()}  # as num_return_sequences
             with precision:
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                                        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                                        **sampling(temperature, top_p), **({"top_k": 0} if temperature > 0 else {}),
+                output = model.generate(**repeated, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                                        pad_token_id=tokenizer.pad_token_id, **decoding(temperature, top_p),
                                         **stopping(tokenizer, stop_strings))
             width = inputs["input_ids"].shape[1]
             for row, sequence in enumerate(output):

@@ -47,8 +47,9 @@ def tool_prompt(row, prompt) -> dict:
 
 def pair_up(prompt, completions: list[str], rewards: list[float], pairing: str = "best-worst",
             margin: float = 0.0) -> list[dict]:
-    """Preference rows for one prompt from its scored completions."""
-    scored = sorted(zip(rewards, completions, strict=True), key=lambda rc: -rc[0])
+    """Preference rows for one prompt from its scored completions. An empty completion (the model ended its turn
+    at once) is left out: a preference row needs text on both sides."""
+    scored = sorted(((r, c) for r, c in zip(rewards, completions, strict=True) if c.strip()), key=lambda rc: -rc[0])
     if pairing == "best-worst":
         candidates = [(scored[0], scored[-1])] if len(scored) > 1 else []
     elif pairing == "all":

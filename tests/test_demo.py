@@ -67,6 +67,9 @@ def test_pairing_best_worst_and_all_above_a_margin():
     every = pair_up("P", completions, rewards, pairing="all", margin=1.5)
     assert [(r["chosen"], r["rejected"]) for r in every] == [("bbbb", "cc"), ("bbbb", "a"), ("ddd", "a")]
     assert pair_up("P", ["x", "y"], [0.5, 0.5]) == []
+    # an empty reply (the model ended its turn at once) is no side of a pair: the next worst one is
+    assert [(r["chosen"], r["rejected"]) for r in pair_up("P", ["a", " ", "cc"], [1.0, -1.0, 2.0])] == [("cc", "a")]
+    assert pair_up("P", ["", "b"], [0.0, 1.0]) == []
 
 
 def test_prefs_command_with_a_deterministic_reward_gives_exactly_the_expected_pairs(tmp_path, tiny_model_dir,
