@@ -55,8 +55,9 @@ class CategoricalDraw:
 
     The draw is inverse transform sampling: one uniform number per row, placed in the cumulative
     probabilities. Sampling in generate() itself calls torch.multinomial, which on CPU draws an exponential
-    number for every vocabulary entry of every row at every step: for a small model with a large vocabulary
-    that costs as much as the model's own decoding step. Same distribution, other random numbers."""
+    number for every vocabulary entry of every row at every step, a cost that grows with the vocabulary and
+    not with the model. Same distribution, other random numbers; a generation config's min_p, typical_p and
+    epsilon cut-offs are warpers of sampling mode and do not apply."""
 
     def __init__(self, temperature: float, top_p: float):
         self.temperature, self.top_p = temperature, top_p
@@ -65,8 +66,9 @@ class CategoricalDraw:
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         if self.top_p < 1.0:
             probs, order = probs.sort(dim=-1, descending=True)
-            before = probs.cumsum(dim=-1) - probs  # mass of the more probable tokens
-            probs = probs.masked_fill(before >= self.top_p, 0.0)
+            outside = probs.cumsum(dim=-1) - probs >= self.top_p  # the more probable tokens hold top_p already
+            outside[:, 0] = False  # the most probable token stays, whatever top_p
+            probs = probs.masked_fill(outside, 0.0)
         cumulative = probs.cumsum(dim=-1)
         targets = torch.rand(len(probs), 1, device=probs.device) * cumulative[:, -1:]
         drawn = torch.searchsorted(cumulative, targets, right=True).clamp_(max=probs.shape[-1] - 1)

@@ -39,6 +39,13 @@ def test_the_draw_follows_the_tempered_distribution_within_the_nucleus(temperatu
     assert ((frequencies - expected).abs() <= bound).all()
 
 
+def test_the_most_probable_token_stays_and_impossible_tokens_are_never_drawn():
+    scores = torch.tensor([[3.0, 1.0, 0.0, -1.0], [float("-inf"), 0.0, float("-inf"), 0.0]])
+    assert (drawn_frequencies(scores, 1.0, 0.0)[0] == torch.tensor([1.0, 0, 0, 0], dtype=torch.float64)).all()
+    frequencies = drawn_frequencies(scores, 1.0, 1.0)[1]
+    assert frequencies[0] == frequencies[2] == 0 and abs(frequencies[1] - 0.5) < 0.02
+
+
 def test_sampled_generation_gives_n_reproducible_samples_per_prompt(tiny_model_dir):
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

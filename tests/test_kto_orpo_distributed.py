@@ -43,3 +43,36 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     weights = "model.safetensors"
     reference, saved = (load_file(tmp_path / d / "final" / weights) for d in ("one", "two"))
     assert max((reference[k] - saved[k]).abs().max().item() for k in reference) < 1e-4
+
+
+UNEVEN = [(31, 41), (32, 42)]  # 19 rows: the epoch's last global batch of 8 leaves 3 rows, 2 on one process
+
+
+@pytest.mark.parametrize("command", ["kto", "dpo"])
+def test_fsdp_with_uneven_shards_matches_one_process(tmp_path, tiny_model_dir, command):
+    """Full KTO and DPO (the reference a sharded copy) under FSDP, where both processes hold rows but not as many:
+    the last training step splits 2 rows against 1 and the 3 eval rows 2 against 1. Every forward pass gathers
+    parameters, so each process must run its reference and policy passes in the same order and number as the
+    other (one row per pass, counts evened out), or the run hangs or mixes the two models' weights."""
+    pairs = [*PAIRS, *UNEVEN]
+    rows = ([{"prompt": f"Add {a} and {b}.", "completion": f"The answer is {a + b + (i % 2)}.", "label": i % 2 == 0}
+             for i, (a, b) in enumerate(pairs)] if command == "kto" else
+            [{"prompt": f"Add {a} and {b}.", "chosen": f"The answer is {a + b}.", "rejected": f"It is {a + b + 1}."}
+             for a, b in pairs])
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rows[:3])
+    common = [command, "--model", str(tiny_model_dir), "--data", str(data), "--max-steps", "3", "--dtype", "fp32",
+              "--save-steps", "0", "--grad-accum", "2", "--eval-data", str(held_out), "--eval-steps", "3",
+              "--lr", "1e-2", "--compile", "off"]
+    run([*common, "--output-dir", str(tmp_path / "one"), "--batch-size", "4"], processes=1)
+    log = run([*common, "--output-dir", str(tmp_path / "two"), "--batch-size", "2", "--strategy", "fsdp"],
+              processes=2)
+    assert "(fsdp (full shard))" in log
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 3]
+    keys = MODES["kto"][1] if command == "kto" else ["rewards/margins", "rewards/accuracies", "pairs"]
+    for a, b in zip(one, two, strict=True):
+        for key in ["loss", "tokens", *keys] if "loss" in a else ["eval/loss"]:
+            assert (key in a) == (key in b) and a.get(key) == pytest.approx(b.get(key), abs=1e-4), key
+    reference, saved = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("one", "two"))
+    assert max((reference[k] - saved[k]).abs().max().item() for k in reference) < 1e-4

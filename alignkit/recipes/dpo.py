@@ -89,10 +89,11 @@ class DPO:
         return torch.tensor([float(sum(len(b) for b in batches)), float(sum(chosen_tokens(b) for b in batches))])
 
     def units(self, batches: list[Sequence], split: str) -> list[PairPass]:
-        """Padded, or in evaluation: a micro-batch per pass. Training otherwise: one pair per pass, each followed
-        by its backward, so one pair's activations are alive at a time."""
+        """Padded: a micro-batch per pass. Otherwise one pair per pass: in training each is followed by its
+        backward, so one pair's activations are alive at a time, and under FSDP and ZeRO-3 every process runs
+        as many of them as each other one once `Backend.equal_passes` has evened out their counts."""
         ref = self.references[split]
-        if self.layout == "padded" or split == "eval":
+        if self.layout == "padded":
             return [PairPass(list(pairs), ref) for pairs in batches]
         return [PairPass([pair], ref) for pairs in batches for pair in pairs]
 

@@ -129,8 +129,9 @@ class KTO:
         return torch.tensor([float(sum(len(b) for b in batches))])
 
     def units(self, batches: list[Sequence], split: str) -> list[FeedbackPass]:
-        """The passes of these micro-batches, after scoring the mismatched pairs of all of them (a collective:
-        every process calls this once per step, rows or not)."""
+        """The passes of these micro-batches (padded: one per micro-batch, else one per row), after scoring the
+        mismatched pairs of all of them (a collective: every process calls this once per step, rows or not)."""
+        groups = list(batches) if self.layout == "padded" else [[row] for rows in batches for row in rows]
         ref = self.references[split]
         kl_sum = torch.zeros((), device=self.device)
         scored = []
@@ -138,29 +139,26 @@ class KTO:
         was_training = self.policy.training
         self.policy.eval()
         with torch.no_grad(), self.backend.autocast():
-            for i, rows in enumerate([*batches, *self.filler_batches(batches, split)]):
+            for i, rows in enumerate([*groups, *self.filler_groups(len(groups), split)]):
                 pairs = [self.pairs[split].pair(row) for row in rows]
                 ref_logps, ref_kl = ref.logps(self.policy, pairs, self.pair_layout())
                 policy_kl = self.sequence_logps(self.policy, [p.rejected for p in pairs])[0]
-                if i < len(batches):
+                if i < len(groups):
                     kl_sum = kl_sum + (policy_kl.float() - ref_kl.float()).sum()
                     scored.append((list(rows), ref_logps.float()))
         self.policy.train(was_training)
         count = self.backend.reduce(torch.tensor([float(sum(len(b) for b in batches))], device=self.device), "sum")
         z_ref = reference_point(self.backend.reduce(kl_sum, "sum"), count.item())
-        if self.layout == "padded" or split == "eval":
-            return [FeedbackPass(rows, ref_logps, z_ref) for rows, ref_logps in scored]
-        return [FeedbackPass([row], ref_logps[i:i + 1], z_ref) for rows, ref_logps in scored
-                for i, row in enumerate(rows)]
+        return [FeedbackPass(rows, ref_logps, z_ref) for rows, ref_logps in scored]
 
-    def filler_batches(self, batches: list[Sequence], split: str) -> list[list[FeedbackRow]]:
-        """One-row batches whose scores are left out, so that this process runs as many scoring passes as each
-        other one: under FSDP and ZeRO-3 each forward pass gathers parameters from all processes
-        (`Backend.equal_passes`). A padded micro-batch is one pass; otherwise each row is."""
+    def filler_groups(self, groups: int, split: str) -> list[list[FeedbackRow]]:
+        """One-row groups whose scores are left out, so that this process runs as many scoring groups as each
+        other one, each group a reference pass and then a policy pass: under FSDP and ZeRO-3 each forward pass
+        gathers parameters from all processes, in the same order on all (`Backend.equal_passes`; ZeRO-2, which
+        does not gather, runs them too)."""
         if not self.backend.partitioned:
             return []
-        passes = len(batches) if self.layout == "padded" else sum(len(rows) for rows in batches)
-        missing = len(self.backend.equal_passes([None] * passes, None)) - passes
+        missing = len(self.backend.equal_passes([None] * groups, None)) - groups
         return [[self.pairs[split].rows[0]]] * missing
 
     def sequence_logps(self, model, sequences: list) -> tuple[torch.Tensor, int]:

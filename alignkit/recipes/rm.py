@@ -89,9 +89,8 @@ class RM:
         return torch.tensor([float(sum(len(b) for b in batches))])
 
     def units(self, batches: list[Sequence], split: str) -> list[RewardPass]:
-        """Padded, or in evaluation: a micro-batch per pass. Training otherwise: one pair per pass, each followed
-        by its backward, so one pair's activations are alive at a time."""
-        if self.layout == "padded" or split == "eval":
+        """Padded: a micro-batch per pass. Otherwise one pair per pass (see `DPO.units`)."""
+        if self.layout == "padded":
             groups = [list(pairs) for pairs in batches]
         else:
             groups = [[pair] for pairs in batches for pair in pairs]
