@@ -40,13 +40,6 @@ def stop_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def sampling(temperature: float, top_p: float) -> dict:
-    """generate() keyword arguments: sampling at `temperature`, or greedy decoding when it is 0."""
-    if temperature > 0:
-        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    return {"do_sample": False}
-
-
 class CategoricalDraw:
     """A logits processor that draws each row's next token from softmax(scores / temperature), kept to the
     top-p nucleus (the most probable tokens whose mass reaches top_p, as transformers' TopPLogitsWarper keeps
@@ -78,8 +71,8 @@ class CategoricalDraw:
 
 
 def decoding(temperature: float, top_p: float) -> dict:
-    """generate() keyword arguments of batched sampling: greedy decoding over `CategoricalDraw`'s draws, or
-    plain greedy decoding when temperature is 0."""
+    """generate() keyword arguments: sampling at `temperature` and `top_p` as greedy decoding over
+    `CategoricalDraw`'s draws, or plain greedy decoding when temperature is 0."""
     if temperature > 0:
         from transformers import LogitsProcessorList
 
@@ -100,7 +93,7 @@ def stream(model, tokenizer, messages: list[dict], max_new_tokens: int, temperat
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(model, tokenizer),
                             pad_token_id=tokenizer.pad_token_id,
                             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                            **sampling(temperature, top_p))
+                            **decoding(temperature, top_p))
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

@@ -139,11 +139,11 @@ class KTO:
         was_training = self.policy.training
         self.policy.eval()
         with torch.no_grad(), self.backend.autocast():
-            for i, rows in enumerate([*groups, *self.filler_groups(len(groups), split)]):
+            for rows, weight in self.scoring_passes(groups, split):
                 pairs = [self.pairs[split].pair(row) for row in rows]
                 ref_logps, ref_kl = ref.logps(self.policy, pairs, self.pair_layout())
                 policy_kl = self.sequence_logps(self.policy, [p.rejected for p in pairs])[0]
-                if i < len(groups):
+                if weight:
                     kl_sum = kl_sum + (policy_kl.float() - ref_kl.float()).sum()
                     scored.append((list(rows), ref_logps.float()))
         self.policy.train(was_training)
@@ -151,15 +151,14 @@ class KTO:
         z_ref = reference_point(self.backend.reduce(kl_sum, "sum"), count.item())
         return [FeedbackPass(rows, ref_logps, z_ref) for rows, ref_logps in scored]
 
-    def filler_groups(self, groups: int, split: str) -> list[list[FeedbackRow]]:
-        """One-row groups whose scores are left out, so that this process runs as many scoring groups as each
-        other one, each group a reference pass and then a policy pass: under FSDP and ZeRO-3 each forward pass
-        gathers parameters from all processes, in the same order on all (`Backend.equal_passes`; ZeRO-2, which
-        does not gather, runs them too)."""
-        if not self.backend.partitioned:
-            return []
-        missing = len(self.backend.equal_passes([None] * groups, None)) - groups
-        return [[self.pairs[split].rows[0]]] * missing
+    def scoring_passes(self, groups: list, split: str) -> list[tuple[list, float]]:
+        """(rows, weight) per scoring group, each group a reference pass and then a policy pass. Under FSDP and
+        ZeRO-3 each forward pass gathers parameters from all processes, so `Backend.equal_passes` pads with
+        weight-0 one-row groups until every process runs as many, in the same order; elsewhere the processes
+        score independently."""
+        if self.backend.partitioned:
+            return self.backend.equal_passes(groups, [self.pairs[split].rows[0]])
+        return [(rows, 1.0) for rows in groups]
 
     def sequence_logps(self, model, sequences: list) -> tuple[torch.Tensor, int]:
         """Σ log π over each sequence's scored tokens, and the non-padding tokens read."""
