@@ -12,7 +12,7 @@ from alignkit.data.sources import Row
 from alignkit.data.templates import resolve_template
 from alignkit.data.tokenize import tokenize_examples
 from alignkit.losses import token_logprobs
-from alignkit.models.logprobs import final_hidden, head_logprobs
+from alignkit.models.logprobs import final_hidden, head_chunk, head_logprobs
 from alignkit.training.forward import pair_logps, unit_sequence_logps
 from tests.conftest import build_model
 
@@ -81,6 +81,55 @@ def test_chunked_head_skips_the_gradient_of_a_frozen_head_and_sums_chunks_in_flo
         head_logprobs(hidden, head, targets, chunk_size=8).sum().backward()
     assert head.weight.grad is None
     assert (hidden.grad.double() - hidden64.grad).abs().max() < 0.01 * hidden64.grad.abs().max()
+
+
+def test_a_frozen_float32_head_is_cast_once_per_pass_not_once_per_chunk(monkeypatch):
+    from alignkit.models import logprobs
+
+    casts = []
+    cast = logprobs._FrozenHead._cast
+    monkeypatch.setattr(logprobs._FrozenHead, "_cast", lambda self: casts.append(1) or cast(self))
+    torch.manual_seed(3)
+    head = torch.nn.Linear(64, 500, bias=False).requires_grad_(False)
+    hidden, targets = torch.randn(200, 64, requires_grad=True), torch.randint(0, 500, (200,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head_logprobs(hidden, head, targets, chunk_size=8)  # 25 chunks
+        got.sum().backward()
+    assert len(casts) == 2  # one copy for the forward pass, one for the backward pass
+    grad, hidden.grad = hidden.grad, None
+    cast_head = torch.nn.Linear(64, 500, bias=False).requires_grad_(False)
+    cast_head.weight.data = head.weight.detach().to(torch.bfloat16)  # what autocast would cast it to
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = head_logprobs(hidden, cast_head, targets, chunk_size=8)
+        expected.sum().backward()
+    assert torch.equal(got, expected) and torch.equal(grad, hidden.grad)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(head_logprobs(hidden, head, targets, chunk_size=8), expected)
+    assert len(casts) == 3
+    hidden.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a retained graph's second backward casts once more
+        again = head_logprobs(hidden, head, targets, chunk_size=8).sum()
+        again.backward(retain_graph=True)
+        again.backward()
+    assert len(casts) == 6 and torch.equal(hidden.grad, 2 * grad)
+
+
+def test_a_chunk_holds_about_the_same_number_of_logits_whatever_the_vocabulary(monkeypatch):
+    from alignkit.models import logprobs
+
+    assert [head_chunk(v) for v in (49_152, 151_936, 262_144)] == [682, 220, 128]
+    assert head_chunk(10) == 1024 and head_chunk(10 ** 8) == 64
+    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", 500 * 70)  # 70 positions per chunk at a 500-token vocabulary
+    calls = []
+    chunk_logps = logprobs._chunk_logps
+    monkeypatch.setattr(logprobs, "_chunk_logps", lambda *args: calls.append(len(args[0])) or chunk_logps(*args))
+    torch.manual_seed(2)
+    head = torch.nn.Linear(32, 500, bias=False)
+    hidden, targets = torch.randn(200, 32), torch.randint(0, 500, (200,))
+    with torch.no_grad():
+        chunked = head_logprobs(hidden, head, targets)
+        assert calls == [70, 70, 60]
+        torch.testing.assert_close(chunked, head_logprobs(hidden, head, targets, chunk_size=1024), rtol=0, atol=1e-6)
 
 
 def test_final_hidden_is_the_models_last_hidden_state_bare_and_under_lora_and_ddp_wrappers(tokenizer):

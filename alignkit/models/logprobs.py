@@ -12,6 +12,16 @@ import torch.nn.functional as F
 from alignkit.data.tokenize import IGNORE
 from alignkit.models.load import transformers_model
 
+CHUNK_LOGITS = 2 ** 25  # logits of one chunk: 128 MiB in float32 (vocabularies of 32k to 512k tokens)
+
+
+def head_chunk(vocab_size: int) -> int:
+    """Positions per chunk of `head_logprobs`: as many as keep one chunk's float32 [chunk, V] logits near 128 MiB
+    (682 positions at a 49k vocabulary, 220 at 152k, 128 at 262k), between 64 and 1,024. The forward and the
+    backward each hold two or three such buffers at once, so with a large vocabulary a fixed number of positions
+    would set a step's peak memory; fewer positions per chunk only re-read the head's weight more often."""
+    return max(64, min(1024, CHUNK_LOGITS // max(vocab_size, 1)))
+
 
 def _float_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """float32 logits, softcapped if asked (z = c·tanh(x/c), Gemma 2's final_logit_softcapping)."""
@@ -40,6 +50,39 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _target_logps(_float_logits(F.linear(hidden, weight, bias), softcap), targets)
 
 
+class _FrozenHead:
+    """A frozen head's float32 weight cast to autocast's dtype once for all chunks of one `head_logprobs` call,
+    rather than by every chunk (autocast caches its casts of trained weights only): a copy for the forward pass,
+    dropped when the chunks are done, and one made again for each backward pass, where the chunks' backward steps
+    run one after another, dropped after the last of them. Nothing is held between the passes."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, chunks: int):
+        self.weight, self.dtype, self.chunks, self.left = weight, dtype, chunks, chunks
+        self.copy: torch.Tensor | None = self._cast()
+
+    def _cast(self) -> torch.Tensor:
+        return self.weight.to(self.dtype)
+
+    def forward_done(self) -> None:
+        self.copy = None
+
+    def for_backward(self) -> torch.Tensor:
+        copy = self.copy if self.copy is not None else self._cast()
+        self.left -= 1
+        if self.left == 0:  # the last chunk of this backward pass (a retained graph may run another)
+            self.copy, self.left = None, self.chunks
+        else:
+            self.copy = copy
+        return copy
+
+
+def _frozen_head(weight: torch.Tensor, chunks: int) -> _FrozenHead | None:
+    device = weight.device.type
+    if weight.requires_grad or weight.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return None
+    return _FrozenHead(weight, torch.get_autocast_dtype(device), chunks)
+
+
 class _ChunkLogps(torch.autograd.Function):
     """One chunk of `head_logprobs`: ℓ = z[y] − logsumexp(z) for z = head(h) (softcapped if asked), per row.
 
@@ -48,15 +91,16 @@ class _ChunkLogps(torch.autograd.Function):
     becomes the gradient. Autograd's log_softmax + nll_loss would hold several such tensors at once (the logits,
     their float copy, log_softmax's output, each backward's gradient); at a 49k vocabulary those are what sets
     the peak memory of an SFT step. The matmuls run under the autocast state of the forward, so with bf16
-    autocast they run in bf16 on autocast's cached weight copy, exactly as `F.linear` in the forward does.
+    autocast they run in bf16 on autocast's cached weight copy (a trained head) or on `_FrozenHead`'s copy (a
+    frozen one), exactly as `F.linear` in the forward does.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap):
+    def forward(ctx, hidden, weight, bias, targets, softcap, frozen):
         device = hidden.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        logps, lse = _chunk_logps(hidden, weight, bias, targets, softcap)
-        ctx.softcap = softcap
+        logps, lse = _chunk_logps(hidden, frozen.copy if frozen is not None else weight, bias, targets, softcap)
+        ctx.softcap, ctx.frozen = softcap, frozen
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         return logps
 
@@ -64,8 +108,8 @@ class _ChunkLogps(torch.autograd.Function):
     def backward(ctx, grad_logps):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
-        if enabled and not weight.requires_grad:  # autocast caches trained leaves only: cast a frozen head once
-            weight = weight.to(dtype)
+        if ctx.frozen is not None:
+            weight = ctx.frozen.for_backward()
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             grad = _float_logits(F.linear(hidden, weight, bias), ctx.softcap)
             if ctx.softcap:  # z = c·tanh(x/c), so ∂z/∂x = 1 − (z/c)²
@@ -81,17 +125,21 @@ class _ChunkLogps(torch.autograd.Function):
             grad_hidden = torch.mm(grad, weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
             grad_weight = torch.mm(grad.T, hidden).to(weight.dtype) if ctx.needs_input_grad[1] else None
             grad_bias = grad.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None = None,
-                  chunk_size: int = 1024) -> torch.Tensor:
+                  chunk_size: int | None = None) -> torch.Tensor:
     """log softmax(head(hidden))[target] for N positions, chunk by chunk: hidden [N, H], targets [N] → [N].
 
     Each chunk's [chunk, V] logits exist only while that chunk is computed; under autograd the chunk is
     recomputed in the backward pass (`_ChunkLogps`), so the whole [N, V] logits never exist at once.
-    With a 49k (SmolLM2) to 152k (Qwen) vocabulary these logits are the largest tensor of a step.
+    With a 49k (SmolLM2) to 262k (Gemma 3) vocabulary these logits are the largest tensor of a step.
+    `chunk_size` defaults to `head_chunk` of the head's vocabulary.
     """
+    # under ZeRO-3 the weight outside a call of the head is an empty placeholder: its full shape is ds_shape
+    vocab = getattr(head, "out_features", None) or getattr(head.weight, "ds_shape", head.weight.shape)[0]
+    chunk_size = chunk_size or head_chunk(vocab)
     # Under DeepSpeed ZeRO-3 (a `ds_id` on the weight) the head's weight is whole only during a call of the head
     # (its hooks gather and free it): the head is called rather than its weight read, and the chunk is not
     # recomputed in the backward pass, where ZeRO-3 would not have gathered a frozen head's weight again
@@ -99,15 +147,23 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
     # Elsewhere the weight tensor of the forward pass is passed: under FSDP2 the head's attribute may by then
     # point at unsharded storage that FSDP2 has freed.
     zero3 = hasattr(head.weight, "ds_id")
+    starts = range(0, hidden.shape[0], chunk_size)
+    frozen = None if zero3 or not starts else _frozen_head(head.weight, len(starts))
     pieces = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size], softcap)
-        if zero3:
-            pieces.append(_target_logps(_float_logits(head(args[0]), softcap), args[3])[0])
-        elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-            pieces.append(_ChunkLogps.apply(*args))
-        else:
-            pieces.append(_chunk_logps(*args)[0])
+    try:
+        for start in starts:
+            args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size],
+                    softcap)
+            if zero3:
+                pieces.append(_target_logps(_float_logits(head(args[0]), softcap), args[3])[0])
+            elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+                pieces.append(_ChunkLogps.apply(*args, frozen))
+            else:
+                weight = frozen.copy if frozen is not None else head.weight
+                pieces.append(_chunk_logps(args[0], weight, *args[2:])[0])
+    finally:
+        if frozen is not None:
+            frozen.forward_done()
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -174,7 +230,7 @@ def output_head(model) -> tuple[torch.nn.Module, float | None]:
 
 
 def label_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   position_ids: torch.Tensor | None = None, chunk_size: int = 1024
+                   position_ids: torch.Tensor | None = None, chunk_size: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log π(label_{t+1} | ≤ t) at every trained position, computed from hidden states in chunks.
 

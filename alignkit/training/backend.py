@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from alignkit.errors import UserError
+from alignkit.models import file_pages
 from alignkit.training import kernel_caches, strategy, threads, zero
 
 
@@ -252,9 +253,10 @@ def store_frozen_linears_in_bf16(model: torch.nn.Module) -> list[torch.nn.Module
     embedding = model.get_input_embeddings().weight
     frozen = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not embedding
               and m.weight.dtype == torch.float32 and not any(p.requires_grad for p in m.parameters())]
+    mappings = file_pages.private_file_mappings()
     for module in frozen:
-        module.to(torch.bfloat16)
-    _release_file_pages(model)
+        _to_bf16(module, mappings)
+    _release_file_pages(model, mappings)
     return frozen
 
 
@@ -274,15 +276,26 @@ def store_linear_weights_in_bf16(model: torch.nn.Module) -> None:
     token embedding, and an output head tied to it, stay fp32: a lookup is not autocast, and its fp32 output
     starts the residual stream."""
     embedding = model.get_input_embeddings().weight
+    mappings = file_pages.private_file_mappings()
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
-            module.to(torch.bfloat16)
-    _release_file_pages(model)
+            _to_bf16(module, mappings)
+    _release_file_pages(model, mappings)
 
 
-def _release_file_pages(model: torch.nn.Module) -> None:
+def _release_file_pages(model: torch.nn.Module, mappings: list[tuple[int, int]]) -> None:
     """The fp32 tensors left still point into the safetensors file's memory map, which would keep every page of
     the file read so far resident (the converted weights' fp32 pages included): copied, they let it close."""
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.dtype == torch.float32:
-            tensor.data = tensor.data.clone()
+            mapped, tensor.data = tensor.data, tensor.data.clone()
+            file_pages.forget(mapped, mappings)
+
+
+def _to_bf16(module: torch.nn.Module, mappings: list[tuple[int, int]]) -> None:
+    """`module.to(torch.bfloat16)`, the pages of the model file under its fp32 tensors handed back one module at
+    a time (`models.file_pages`): otherwise converting every layer reads the whole file into memory first."""
+    mapped = [t.data for t in [*module.parameters(), *module.buffers()] if t.dtype == torch.float32]
+    module.to(torch.bfloat16)
+    for tensor in mapped:
+        file_pages.forget(tensor, mappings)

@@ -16,7 +16,7 @@ of which A are trained, N GPUs, L layers of width H, and a micro-batch of T toke
                  weights in flight (2·4·P/L: the layer computing and the one prefetched)
 
 Not counted: the CUDA context and allocator slack (add 1 to 3 GB), the output head's chunk of logits
-(alignkit never forms the [T, V] logits; 1,024 positions at a time), and DPO's reference model (a frozen copy
+(alignkit never forms the [T, V] logits; about 2²⁵ of them at a time), and DPO's reference model (a frozen copy
 adds 4·P bytes, divided by N under FSDP; none under LoRA's adapter reference or precomputed log-probs).
 """
 

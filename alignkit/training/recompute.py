@@ -6,9 +6,9 @@ model is loaded: gradients and AdamW's two moments (4 + 8 bytes per trained para
 still loads (DPO's frozen reference copy), on a GPU the weights still to be moved there, the activations of
 the largest forward pass (34 bytes per token, hidden unit and layer in 16-bit, twice that in fp32: Korthikanti
 et al. 2022, arXiv 2205.05198, without the attention-score term that fused attention never stores) and the
-output head's chunk of fp32 logits (1,024 positions at a time). It compares that with the memory free on the
-device (CUDA's free memory, or MemAvailable on the CPU) less a 10% margin. When the activations do not fit, it
-checkpoints every n-th layer for the largest n that fits, every layer at worst.
+output head's chunk of fp32 logits (`models.logprobs.head_chunk` positions at a time). It compares that with
+the memory free on the device (CUDA's free memory, or MemAvailable on the CPU) less a 10% margin. When the
+activations do not fit, it checkpoints every n-th layer for the largest n that fits, every layer at worst.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 
 from alignkit.errors import UserError
 from alignkit.models.load import transformers_model
+from alignkit.models.logprobs import head_chunk
 from alignkit.training.memory_plan import ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER
 
 MARGIN = 0.9
-HEAD_CHUNK = 1024  # positions whose logits exist at once (alignkit.models.logprobs): fp32 logits, softmax, grad
 
 
 def free_memory(device: torch.device) -> float:
@@ -70,7 +70,8 @@ def configure(model, setting: str, longest_forward_tokens: int, device: torch.de
         trained = sum(p.numel() for p in params if p.requires_grad)
         # on a GPU the weights are still on the CPU here: they will take device memory too
         weights = sum(p.numel() * p.element_size() for p in params) if params[0].device.type != device.type else 0
-        head = 3 * 4 * HEAD_CHUNK * int(getattr(base.config, "vocab_size", 0))
+        vocab = int(getattr(base.config, "vocab_size", 0))
+        head = 3 * 4 * head_chunk(vocab) * vocab  # fp32 logits, softmax and gradient of one chunk
         per_token = ACTIVATION_BYTES_PER_TOKEN_WIDTH_LAYER * (1 if half else 2) * width * layers
         activations = per_token * longest_forward_tokens + head
         n = every_n_layers(12.0 * trained + weights + extra_bytes, activations, free_memory(device), layers)
