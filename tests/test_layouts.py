@@ -87,8 +87,15 @@ def test_a_frozen_float32_head_is_cast_once_per_pass_not_once_per_chunk(monkeypa
     from alignkit.models import logprobs
 
     casts = []
-    cast = logprobs._FrozenHead._cast
-    monkeypatch.setattr(logprobs._FrozenHead, "_cast", lambda self: casts.append(1) or cast(self))
+    matmul_weight = logprobs._matmul_weight
+
+    def counted(weight):
+        used = matmul_weight(weight)
+        if used is not weight:
+            casts.append(1)
+        return used
+
+    monkeypatch.setattr(logprobs, "_matmul_weight", counted)
     torch.manual_seed(3)
     head = torch.nn.Linear(64, 500, bias=False).requires_grad_(False)
     hidden, targets = torch.randn(200, 64, requires_grad=True), torch.randint(0, 500, (200,))

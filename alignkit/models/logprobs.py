@@ -50,57 +50,38 @@ def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return _target_logps(_float_logits(F.linear(hidden, weight, bias), softcap), targets)
 
 
-class _FrozenHead:
-    """A frozen head's float32 weight cast to autocast's dtype once for all chunks of one `head_logprobs` call,
-    rather than by every chunk (autocast caches its casts of trained weights only): a copy for the forward pass,
-    dropped when the chunks are done, and one made again for each backward pass, where the chunks' backward steps
-    run one after another, dropped after the last of them. Nothing is held between the passes."""
-
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, chunks: int):
-        self.weight, self.dtype, self.chunks, self.left = weight, dtype, chunks, chunks
-        self.copy: torch.Tensor | None = self._cast()
-
-    def _cast(self) -> torch.Tensor:
-        return self.weight.to(self.dtype)
-
-    def forward_done(self) -> None:
-        self.copy = None
-
-    def for_backward(self) -> torch.Tensor:
-        copy = self.copy if self.copy is not None else self._cast()
-        self.left -= 1
-        if self.left == 0:  # the last chunk of this backward pass (a retained graph may run another)
-            self.copy, self.left = None, self.chunks
-        else:
-            self.copy = copy
-        return copy
-
-
-def _frozen_head(weight: torch.Tensor, chunks: int) -> _FrozenHead | None:
+def _matmul_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The head weight the chunks' matmuls use. Autocast caches its casts of trained weights only, so a frozen
+    float32 weight under autocast (LoRA with a tied embedding) is cast here, once for all the chunks of a pass,
+    rather than by every chunk; any other weight is used as it is (autocast casts a trained one, and caches it)."""
     device = weight.device.type
     if weight.requires_grad or weight.dtype != torch.float32 or not torch.is_autocast_enabled(device):
-        return None
-    return _FrozenHead(weight, torch.get_autocast_dtype(device), chunks)
+        return weight
+    return weight.to(torch.get_autocast_dtype(device))
 
 
-class _ChunkLogps(torch.autograd.Function):
-    """One chunk of `head_logprobs`: ℓ = z[y] − logsumexp(z) for z = head(h) (softcapped if asked), per row.
+class _HeadLogps(torch.autograd.Function):
+    """`head_logprobs` chunk by chunk: ℓ = z[y] − logsumexp(z) for z = head(h) (softcapped if asked), per row.
 
-    The backward recomputes the chunk's logits instead of keeping them, and uses ∂ℓ/∂z = onehot(y) − softmax(z):
+    The backward recomputes each chunk's logits instead of keeping them, and uses ∂ℓ/∂z = onehot(y) − softmax(z):
     softmax(z) is formed in place from the logsumexp saved by the forward, in one float32 [chunk, V] buffer that
     becomes the gradient. Autograd's log_softmax + nll_loss would hold several such tensors at once (the logits,
     their float copy, log_softmax's output, each backward's gradient); at a 49k vocabulary those are what sets
     the peak memory of an SFT step. The matmuls run under the autocast state of the forward, so with bf16
-    autocast they run in bf16 on autocast's cached weight copy (a trained head) or on `_FrozenHead`'s copy (a
-    frozen one), exactly as `F.linear` in the forward does.
+    autocast they run in bf16 on the weight of `_matmul_weight`, exactly as `F.linear` in the forward does; the
+    weight's gradient is summed over chunks in float32. Without autograd watching (a reference, evaluation)
+    only the forward runs, the same arithmetic, so a policy and its reference agree bit for bit.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, frozen):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_size):
         device = hidden.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        logps, lse = _chunk_logps(hidden, frozen.copy if frozen is not None else weight, bias, targets, softcap)
-        ctx.softcap, ctx.frozen = softcap, frozen
+        used = _matmul_weight(weight)
+        pieces = [_chunk_logps(hidden[s:s + chunk_size], used, bias, targets[s:s + chunk_size], softcap)
+                  for s in range(0, hidden.shape[0], chunk_size)]
+        logps, lse = (torch.cat(p) for p in zip(*pieces, strict=True))
+        ctx.softcap, ctx.chunk_size = softcap, chunk_size
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         return logps
 
@@ -108,24 +89,39 @@ class _ChunkLogps(torch.autograd.Function):
     def backward(ctx, grad_logps):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
-        if ctx.frozen is not None:
-            weight = ctx.frozen.for_backward()
+        wants_hidden, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if wants_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and wants_bias else None
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            grad = _float_logits(F.linear(hidden, weight, bias), ctx.softcap)
-            if ctx.softcap:  # z = c·tanh(x/c), so ∂z/∂x = 1 − (z/c)²
-                dz_dx = grad.div(ctx.softcap).square_().neg_().add_(1)
-            grad.sub_(lse[:, None]).exp_()  # softmax(z)
-            grad.mul_(-grad_logps[:, None])
-            grad[torch.arange(len(targets), device=grad.device), targets] += grad_logps
-            if ctx.softcap:
-                grad.mul_(dz_dx)
-                del dz_dx
-            grad = grad.to(dtype if enabled else weight.dtype)
-            # mm (not a matmul of a transposed view) so that autocast serves the weight from its cache
-            grad_hidden = torch.mm(grad, weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-            grad_weight = torch.mm(grad.T, hidden).to(weight.dtype) if ctx.needs_input_grad[1] else None
-            grad_bias = grad.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+            used = _matmul_weight(weight)
+            for s in range(0, hidden.shape[0], ctx.chunk_size):
+                rows = slice(s, s + ctx.chunk_size)
+                grad = _logit_grad(hidden[rows], used, bias, targets[rows], lse[rows], grad_logps[rows], ctx.softcap)
+                grad = grad.to(dtype if enabled else weight.dtype)
+                # mm (not a matmul of a transposed view) so that autocast serves the weight from its cache
+                if wants_hidden:
+                    grad_hidden[rows] = torch.mm(grad, used)
+                if wants_weight:
+                    grad_weight += torch.mm(grad.T, hidden[rows]).float()
+                if grad_bias is not None:
+                    grad_bias += grad.sum(0).float()
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def _logit_grad(hidden, weight, bias, targets, lse, grad_logps, softcap) -> torch.Tensor:
+    """∂(Σ g·ℓ)/∂x for one chunk's logits x (before softcapping): g·(onehot(y) − softmax(z)) · ∂z/∂x, in float32."""
+    grad = _float_logits(F.linear(hidden, weight, bias), softcap)
+    if softcap:  # z = c·tanh(x/c), so ∂z/∂x = 1 − (z/c)²
+        dz_dx = grad.div(softcap).square_().neg_().add_(1)
+    grad.sub_(lse[:, None]).exp_()  # softmax(z)
+    grad.mul_(-grad_logps[:, None])
+    grad[torch.arange(len(targets), device=grad.device), targets] += grad_logps
+    if softcap:
+        grad.mul_(dz_dx)
+    return grad
 
 
 def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, softcap: float | None = None,
@@ -133,38 +129,26 @@ def head_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Te
     """log softmax(head(hidden))[target] for N positions, chunk by chunk: hidden [N, H], targets [N] → [N].
 
     Each chunk's [chunk, V] logits exist only while that chunk is computed; under autograd the chunk is
-    recomputed in the backward pass (`_ChunkLogps`), so the whole [N, V] logits never exist at once.
+    recomputed in the backward pass (`_HeadLogps`), so the whole [N, V] logits never exist at once.
     With a 49k (SmolLM2) to 262k (Gemma 3) vocabulary these logits are the largest tensor of a step.
     `chunk_size` defaults to `head_chunk` of the head's vocabulary.
     """
     # under ZeRO-3 the weight outside a call of the head is an empty placeholder: its full shape is ds_shape
     vocab = getattr(head, "out_features", None) or getattr(head.weight, "ds_shape", head.weight.shape)[0]
     chunk_size = chunk_size or head_chunk(vocab)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
     # Under DeepSpeed ZeRO-3 (a `ds_id` on the weight) the head's weight is whole only during a call of the head
     # (its hooks gather and free it): the head is called rather than its weight read, and the chunk is not
     # recomputed in the backward pass, where ZeRO-3 would not have gathered a frozen head's weight again
     # (CheckpointError: weight of shape [0]); its logits are kept for the backward instead (up to [N, V] float32).
     # Elsewhere the weight tensor of the forward pass is passed: under FSDP2 the head's attribute may by then
     # point at unsharded storage that FSDP2 has freed.
-    zero3 = hasattr(head.weight, "ds_id")
-    starts = range(0, hidden.shape[0], chunk_size)
-    frozen = None if zero3 or not starts else _frozen_head(head.weight, len(starts))
-    pieces = []
-    try:
-        for start in starts:
-            args = (hidden[start:start + chunk_size], head.weight, head.bias, targets[start:start + chunk_size],
-                    softcap)
-            if zero3:
-                pieces.append(_target_logps(_float_logits(head(args[0]), softcap), args[3])[0])
-            elif torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-                pieces.append(_ChunkLogps.apply(*args, frozen))
-            else:
-                weight = frozen.copy if frozen is not None else head.weight
-                pieces.append(_chunk_logps(args[0], weight, *args[2:])[0])
-    finally:
-        if frozen is not None:
-            frozen.forward_done()
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if hasattr(head.weight, "ds_id"):
+        return torch.cat([_target_logps(_float_logits(head(hidden[s:s + chunk_size]), softcap),
+                                        targets[s:s + chunk_size])[0]
+                          for s in range(0, hidden.shape[0], chunk_size)])
+    return _HeadLogps.apply(hidden, head.weight, head.bias, targets, softcap, chunk_size)
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

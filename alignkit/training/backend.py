@@ -285,7 +285,8 @@ def store_linear_weights_in_bf16(model: torch.nn.Module) -> None:
 
 def _release_file_pages(model: torch.nn.Module, mappings: list[tuple[int, int]]) -> None:
     """The fp32 tensors left still point into the safetensors file's memory map, which would keep every page of
-    the file read so far resident (the converted weights' fp32 pages included): copied, they let it close."""
+    the file read so far resident: each is copied out and its pages handed back, and once the last one is the
+    map closes."""
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.dtype == torch.float32:
             mapped, tensor.data = tensor.data, tensor.data.clone()
