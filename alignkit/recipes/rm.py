@@ -188,7 +188,10 @@ def run(cfg: RMConfig) -> dict:
 def train(cfg: RMConfig):
     """Train and save; returns (summary, trained model, tokenizer)."""
     objective = RM(cfg)
-    summary, model, tokenizer = fit(cfg, objective)
-    if cfg.lora and int(os.environ.get("RANK", "0")) == 0:
+    merges = cfg.lora and int(os.environ.get("RANK", "0")) == 0
+    summary, model, tokenizer = fit(cfg, objective, keep_model=not merges)
+    if merges:
+        # The merged model is rebuilt from final/: the trained one goes first, so only one is ever in memory.
+        del model
         model = merge_final(Path(summary["final"]), cfg, objective.pad_id)
     return summary, model, tokenizer
